@@ -1,0 +1,83 @@
+// a2sf: attention-score KV-cache eviction for llama.cpp.
+//
+// Additions to llama.cpp's C API. Nothing here changes an existing llama.cpp
+// struct or signature: these are new functions that llama-cpp-python's ctypes
+// bindings never see, so they keep working against the patched libllama.
+#pragma once
+
+#include "llama.h"
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// How the eviction engine ranks the cells of a sequence when the cache is full.
+enum llama_kv_policy_kind {
+    LLAMA_KV_POLICY_NONE      = 0, // vanilla llama.cpp: no scores, no eviction
+    LLAMA_KV_POLICY_STREAMING = 1, // StreamingLLM: keep sinks + newest, no scores
+    LLAMA_KV_POLICY_SCORE     = 2, // accumulated attention with forgetting factor (H2O, TOVA, A2SF, VATP)
+    LLAMA_KV_POLICY_RANDOM    = 3, // random eviction among unprotected cells (evaluation baseline)
+};
+
+struct llama_kv_policy_params {
+    int32_t  kind;              // enum llama_kv_policy_kind
+    float    forgetting_factor; // alpha in [0, 1]: S <- alpha*S + attention row (1 = H2O, 0 = TOVA)
+    bool     value_aware;       // VATP: weigh attention by the L1 norm of the cell's value vector
+    int32_t  n_sink;            // first positions of each sequence that are never evicted
+    int32_t  n_recent;          // newest positions of each sequence that are never evicted
+    int32_t  evict_chunk;       // extra cells freed per eviction event (amortises its cost)
+    uint32_t seed;              // RNG seed of the random policy
+};
+
+struct llama_kv_policy_stats {
+    int64_t n_evictions;      // eviction events
+    int64_t n_cells_evicted;  // cells freed by eviction (summed over sequences)
+    int64_t n_cells_used;     // cells in use now
+    int64_t t_evict_us;       // time spent in eviction (reading scores, choosing, freeing)
+};
+
+// error codes returned by the functions below (0 = success)
+#define LLAMA_KV_POLICY_ERR_ARG      (-1) // an argument is out of range
+#define LLAMA_KV_POLICY_ERR_MEMORY   (-2) // the context has no plain KV cache (recurrent, iSWA, ...)
+#define LLAMA_KV_POLICY_ERR_SEQ      (-3) // sequence id out of range
+#define LLAMA_KV_POLICY_ERR_CAPACITY (-4) // output buffer too small
+
+LLAMA_API struct llama_kv_policy_params llama_kv_policy_default_params(void);
+
+// Set (or replace) the policy of a context. Invalidates graph reuse.
+// Returns 0, or a negative LLAMA_KV_POLICY_ERR_* code (nothing is changed then).
+LLAMA_API int32_t llama_kv_policy_set(struct llama_context * ctx, const struct llama_kv_policy_params * params);
+LLAMA_API int32_t llama_kv_policy_get(const struct llama_context * ctx, struct llama_kv_policy_params * out);
+
+// Number of KV-cache layers that carry scores (0 if the context has no plain KV cache).
+LLAMA_API int32_t llama_kv_policy_n_layers(const struct llama_context * ctx);
+
+// Number of cells currently holding seq_id (or a negative error code).
+LLAMA_API int32_t llama_kv_policy_n_cells(const struct llama_context * ctx, llama_seq_id seq_id);
+
+// Copy out, for each cell holding seq_id (ordered by position), its position, its
+// cell index, and its score in every scored layer (scores laid out [n_layers][n_cells]).
+// capacity is the number of cells the buffers hold. Any pointer may be NULL.
+// Returns the number of cells written, or a negative error code.
+LLAMA_API int32_t llama_kv_policy_scores(
+        struct llama_context * ctx,
+        llama_seq_id           seq_id,
+        int32_t                capacity,
+        llama_pos            * pos_out,
+        int32_t              * cell_out,
+        float                * scores_out);
+
+LLAMA_API int32_t llama_kv_policy_get_stats(const struct llama_context * ctx, struct llama_kv_policy_stats * out);
+LLAMA_API void    llama_kv_policy_reset_stats(struct llama_context * ctx);
+
+// Evict now, as decode does when the cache is full: free n_free cells (plus nothing
+// more) from seq_id by the policy's ranking. Returns the number of cells freed, or
+// a negative error code. Mainly for tests and tools.
+LLAMA_API int32_t llama_kv_policy_evict(struct llama_context * ctx, llama_seq_id seq_id, int32_t n_free);
+
+#ifdef __cplusplus
+}
+#endif
