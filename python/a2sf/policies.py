@@ -1,0 +1,350 @@
+"""KV-cache eviction policies, one small immutable class per method.
+
+A policy is plain configuration: it holds no state and touches no global; the
+engine inside the patched llama.cpp does the work. ``a2sf.Llama(kv_policy=...)``
+accepts an instance, a name (see :func:`make_policy`) or ``None``.
+
+Every policy shares the same knobs (fields of :class:`KVPolicy`):
+
+``n_sink``
+    the first positions of a sequence, never evicted (attention sinks).
+``n_recent``
+    the newest positions of a sequence, never evicted (local window).
+``evict_chunk``
+    how many cells an eviction frees beyond what the incoming batch needs, so
+    that eviction (a sort over the cache) runs once every ``evict_chunk``
+    decoded tokens instead of at every token.
+``forgetting_factor``
+    alpha in [0, 1] of the accumulated score ``S <- alpha^n S + sum_q
+    alpha^(n-1-q) A[q]`` (1 = H2O, 0 = TOVA).
+``value_aware``
+    weigh attention by the L1 norm of each cell's value vector (VATP).
+``seed``
+    RNG seed of :class:`RandomEviction`.
+
+Defaults: ``n_sink=4`` (StreamingLLM's four sink tokens), ``n_recent=32`` and
+``evict_chunk=16``. The A2SF authors keep 16 recent tokens; 32 is a little
+safer for chat turns and costs nothing at the cache sizes llama.cpp runs with
+(256 and up). VATP's reference code keeps 20 sink tokens; we keep the shared
+default so that policies are compared at equal protected budgets.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Dict, Optional, Type, Union
+
+__all__ = [
+    "PolicyKind",
+    "KVPolicy",
+    "NoEviction",
+    "StreamingLLM",
+    "H2O",
+    "TOVA",
+    "A2SF",
+    "VATP",
+    "RandomEviction",
+    "POLICIES",
+    "make_policy",
+]
+
+_INT32_MAX = 2**31 - 1
+_UINT32_MAX = 2**32 - 1
+
+
+class PolicyKind(enum.IntEnum):
+    """Mirror of ``enum llama_kv_policy_kind`` (cpp/include/llama-kv-policy.h)."""
+
+    NONE = 0
+    STREAMING = 1
+    SCORE = 2
+    RANDOM = 3
+
+
+def _check_int(owner: str, name: str, value: Any, lo: int, hi: int) -> None:
+    # bool is an int subclass in Python; a flag is never a size here.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"{owner}.{name} must be an int, got {type(value).__name__} ({value!r})"
+        )
+    if not lo <= int(value) <= hi:
+        raise ValueError(f"{owner}.{name} must be in [{lo}, {hi}], got {value!r}")
+
+
+def _check_alpha(owner: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{owner}.forgetting_factor must be a real number in [0, 1], "
+            f"got {type(value).__name__} ({value!r})"
+        )
+    v = float(value)
+    if math.isnan(v) or not 0.0 <= v <= 1.0:
+        raise ValueError(
+            f"{owner}.forgetting_factor must be in [0, 1], got {value!r}"
+        )
+
+
+def _check_bool(owner: str, name: str, value: Any) -> None:
+    # accept numpy.bool_ too, but not ints such as 0/1 or strings such as "no"
+    if not (isinstance(value, bool) or type(value).__name__ == "bool_"):
+        raise TypeError(
+            f"{owner}.{name} must be a bool, got {type(value).__name__} ({value!r})"
+        )
+
+
+@dataclass(frozen=True)
+class KVPolicy:
+    """Base class: an eviction policy for llama.cpp's KV cache.
+
+    Instances are frozen; derive variants with :meth:`replace` or
+    :func:`make_policy` overrides. Subclasses pin the fields that define their
+    method (e.g. :class:`H2O` pins ``forgetting_factor=1``); passing a pinned
+    field raises TypeError.
+    """
+
+    n_sink: int = 4
+    n_recent: int = 32
+    evict_chunk: int = 16
+    forgetting_factor: float = 1.0
+    value_aware: bool = False
+    seed: int = 0
+
+    #: engine ranking used by this policy
+    kind: ClassVar[PolicyKind] = PolicyKind.SCORE
+    #: name accepted by :func:`make_policy`
+    name: ClassVar[str] = "score"
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        _check_int(owner, "n_sink", self.n_sink, 0, _INT32_MAX)
+        _check_int(owner, "n_recent", self.n_recent, 0, _INT32_MAX)
+        _check_int(owner, "evict_chunk", self.evict_chunk, 0, _INT32_MAX)
+        _check_alpha(owner, self.forgetting_factor)
+        _check_bool(owner, "value_aware", self.value_aware)
+        _check_int(owner, "seed", self.seed, 0, _UINT32_MAX)
+        # normalise numpy scalars etc. to plain Python types
+        object.__setattr__(self, "n_sink", int(self.n_sink))
+        object.__setattr__(self, "n_recent", int(self.n_recent))
+        object.__setattr__(self, "evict_chunk", int(self.evict_chunk))
+        object.__setattr__(self, "forgetting_factor", float(self.forgetting_factor))
+        object.__setattr__(self, "value_aware", bool(self.value_aware))
+        object.__setattr__(self, "seed", int(self.seed))
+
+    # -- helpers -----------------------------------------------------------
+    @classmethod
+    def settable_fields(cls) -> tuple:
+        """Names of the fields this policy lets a caller set."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.init)
+
+    @property
+    def n_protected(self) -> int:
+        """Cells of each sequence that are never evicted (sinks + recent)."""
+        return self.n_sink + self.n_recent
+
+    def replace(self, **overrides: Any) -> "KVPolicy":
+        """A copy with some fields changed (validated like the constructor)."""
+        allowed = self.settable_fields()
+        for key in overrides:
+            if key not in allowed:
+                pinned = {f.name for f in dataclasses.fields(self)}
+                if key in pinned:
+                    raise TypeError(
+                        f"{type(self).__name__} fixes {key}="
+                        f"{getattr(self, key)!r}; it cannot be overridden "
+                        f"(settable: {', '.join(allowed) or 'none'})"
+                    )
+                raise TypeError(
+                    f"{type(self).__name__} has no field {key!r} "
+                    f"(settable: {', '.join(allowed) or 'none'})"
+                )
+        return dataclasses.replace(self, **overrides)
+
+    def to_native(self) -> Dict[str, Any]:
+        """Keyword arguments of ``a2sf._core.set_policy`` (minus the context)."""
+        return {
+            "kind": int(self.kind),
+            "forgetting_factor": float(self.forgetting_factor),
+            "value_aware": bool(self.value_aware),
+            "n_sink": int(self.n_sink),
+            "n_recent": int(self.n_recent),
+            "evict_chunk": int(self.evict_chunk),
+            "seed": int(self.seed),
+        }
+
+    def to_dict(self) -> Dict[str, Any]:
+        """All fields plus the policy name (JSON-friendly)."""
+        d = dataclasses.asdict(self)
+        d["policy"] = self.name
+        return d
+
+
+@dataclass(frozen=True)
+class NoEviction(KVPolicy):
+    """Vanilla llama.cpp: no scores, no eviction; decoding stops when the cache is full.
+
+    ``a2sf.Llama`` treats it exactly like ``kv_policy=None``.
+    """
+
+    n_sink: int = field(default=0, init=False)
+    n_recent: int = field(default=0, init=False)
+    evict_chunk: int = field(default=0, init=False)
+    forgetting_factor: float = field(default=1.0, init=False)
+    value_aware: bool = field(default=False, init=False)
+    seed: int = field(default=0, init=False)
+
+    kind: ClassVar[PolicyKind] = PolicyKind.NONE
+    name: ClassVar[str] = "none"
+
+
+@dataclass(frozen=True)
+class StreamingLLM(KVPolicy):
+    """StreamingLLM: keep the ``n_sink`` first tokens and the newest ones.
+
+    Xiao, Tian, Chen, Han, Lewis. "Efficient Streaming Language Models with
+    Attention Sinks", arXiv:2309.17453 (ICLR 2024). No scores are computed;
+    when the cache is full the oldest non-sink cells go first. Unlike the
+    paper, positions are not re-assigned inside the cache (llama.cpp keeps each
+    cell's original RoPE position).
+    """
+
+    forgetting_factor: float = field(default=1.0, init=False)
+    value_aware: bool = field(default=False, init=False)
+
+    kind: ClassVar[PolicyKind] = PolicyKind.STREAMING
+    name: ClassVar[str] = "streaming"
+
+
+@dataclass(frozen=True)
+class H2O(KVPolicy):
+    """H2O, Heavy-Hitter Oracle: evict the cells with the least accumulated attention.
+
+    Zhang et al. "H2O: Heavy-Hitter Oracle for Efficient Generative Inference
+    of Large Language Models", arXiv:2306.14048 (NeurIPS 2023). Scores sum the
+    softmax attention every query paid to a cell (forgetting factor 1), over
+    heads and layers; a recent window is always kept.
+    """
+
+    forgetting_factor: float = field(default=1.0, init=False)
+
+    name: ClassVar[str] = "h2o"
+
+
+@dataclass(frozen=True)
+class TOVA(KVPolicy):
+    """TOVA, Token Omission Via Attention: rank cells by the newest query's attention.
+
+    Oren, Hassid, Yarden, Adi, Schwartz. "Transformers are Multi-State RNNs",
+    arXiv:2401.06104 (EMNLP 2024). Equivalent to forgetting factor 0: only the
+    last query of the last ubatch counts.
+    """
+
+    forgetting_factor: float = field(default=0.0, init=False)
+
+    name: ClassVar[str] = "tova"
+
+
+@dataclass(frozen=True)
+class A2SF(KVPolicy):
+    """A2SF, Accumulative Attention Scoring with Forgetting factor.
+
+    Jo & Shin. "A2SF: Accumulative Attention Scoring with Forgetting Factor for
+    Token Pruning in Transformer Decoder", arXiv:2407.20485. Older attention
+    is discounted: ``S <- alpha * S + A[q]`` per query, so a cell's score is
+    ``sum_q alpha^(n-q) A[q, cell]``. The authors use alpha=0.95.
+    """
+
+    forgetting_factor: float = 0.95
+
+    name: ClassVar[str] = "a2sf"
+
+
+@dataclass(frozen=True)
+class VATP(KVPolicy):
+    """VATP, Value-Aware Token Pruning: attention weighted by the value vector's L1 norm.
+
+    Guo, Kamigaito, Watanabe. "Attention Score is not All You Need for Token
+    Importance Indicator in KV Cache Reduction: Value Also Matters",
+    arXiv:2406.12335 (EMNLP 2024). Per head, attention to a cell is multiplied
+    by ``||v_cell||_1`` of that head's value vector before accumulation. The
+    base scorer is H2O (``forgetting_factor=1``); set another alpha to combine
+    it with A2SF. The paper keeps 20 sink tokens; pass ``n_sink=20`` for that.
+    """
+
+    forgetting_factor: float = 1.0
+    value_aware: bool = field(default=True, init=False)
+
+    name: ClassVar[str] = "vatp"
+
+
+@dataclass(frozen=True)
+class RandomEviction(KVPolicy):
+    """Random eviction among unprotected cells: the baseline any scorer must beat.
+
+    Sinks and the recent window are protected as for the other policies; the
+    remaining cells are dropped uniformly at random (deterministic per ``seed``).
+    """
+
+    forgetting_factor: float = field(default=1.0, init=False)
+    value_aware: bool = field(default=False, init=False)
+
+    kind: ClassVar[PolicyKind] = PolicyKind.RANDOM
+    name: ClassVar[str] = "random"
+
+
+#: name -> class, the names :func:`make_policy` accepts
+POLICIES: Dict[str, Type[KVPolicy]] = {
+    cls.name: cls
+    for cls in (NoEviction, StreamingLLM, H2O, TOVA, A2SF, VATP, RandomEviction)
+}
+_ALIASES = {
+    "streamingllm": "streaming",
+    "sink": "streaming",
+    "h2o": "h2o",
+    "a2sf": "a2sf",
+    "vatp": "vatp",
+    "tova": "tova",
+    "random": "random",
+    "none": "none",
+    "no": "none",
+}
+
+PolicySpec = Union[None, str, KVPolicy, Type[KVPolicy]]
+
+
+def make_policy(spec: PolicySpec, **overrides: Any) -> Optional[KVPolicy]:
+    """Build a policy from ``None``, a name, a class or an instance.
+
+    ``make_policy(None)`` is ``None`` (no policy). Names (case-insensitive):
+    ``none``, ``streaming``, ``h2o``, ``tova``, ``a2sf``, ``vatp``, ``random``.
+    Keyword overrides replace fields; an override whose value is ``None`` counts
+    as not given. Raises TypeError for wrong types or fields the policy pins,
+    ValueError for unknown names and out-of-range values.
+    """
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if spec is None:
+        if overrides:
+            raise ValueError(
+                f"policy settings {sorted(overrides)} given without a policy "
+                f"(kv_policy is None); name one of {sorted(POLICIES)}"
+            )
+        return None
+    if isinstance(spec, KVPolicy):
+        return spec.replace(**overrides) if overrides else spec
+    if isinstance(spec, type) and issubclass(spec, KVPolicy):
+        return spec().replace(**overrides) if overrides else spec()
+    if isinstance(spec, str):
+        key = spec.strip().lower().replace("-", "").replace("_", "")
+        key = _ALIASES.get(key, key)
+        if key not in POLICIES:
+            raise ValueError(
+                f"unknown KV policy {spec!r}; expected one of {sorted(POLICIES)}"
+            )
+        policy = POLICIES[key]()
+        return policy.replace(**overrides) if overrides else policy
+    raise TypeError(
+        "kv_policy must be None, a policy name, a KVPolicy class or instance, "
+        f"got {type(spec).__name__} ({spec!r})"
+    )
