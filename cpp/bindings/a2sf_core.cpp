@@ -1,10 +1,214 @@
 // pybind11 bindings of the eviction engine's C API (cpp/include/llama-kv-policy.h).
+//
+// Every function takes the llama_context as a Python int (the address held by
+// llama-cpp-python's `llm._ctx.ctx`, a ctypes c_void_p: pass `.value`; a
+// c_void_p itself is accepted too). A NULL context raises ValueError; negative
+// return codes of the C API become ValueError / RuntimeError.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
 
 #include "llama-kv-policy.h"
 
 namespace py = pybind11;
 
+namespace {
+
+llama_context * as_ctx(const py::object & obj) {
+    py::object v = obj;
+    if (!v.is_none() && !py::isinstance<py::int_>(v) && py::hasattr(v, "value")) {
+        v = v.attr("value");  // ctypes.c_void_p
+    }
+    if (v.is_none()) {
+        throw py::value_error("llama_context is NULL (was the model closed?)");
+    }
+    if (py::isinstance<py::bool_>(v) || !py::isinstance<py::int_>(v)) {
+        throw py::type_error("ctx must be the llama_context address as an int, got " +
+                             std::string(py::str(py::type::of(v).attr("__name__"))));
+    }
+    unsigned long long addr = PyLong_AsUnsignedLongLong(v.ptr());
+    if (PyErr_Occurred()) {
+        PyErr_Clear();
+        throw py::value_error("ctx is not a valid pointer value");
+    }
+    if (addr == 0) {
+        throw py::value_error("llama_context is NULL (was the model closed?)");
+    }
+    return reinterpret_cast<llama_context *>(static_cast<uintptr_t>(addr));
+}
+
+// Turns a negative LLAMA_KV_POLICY_ERR_* code into a Python exception.
+int32_t check(int32_t rc, const char * what) {
+    if (rc >= 0) {
+        return rc;
+    }
+    std::string msg = std::string(what) + ": ";
+    switch (rc) {
+        case LLAMA_KV_POLICY_ERR_ARG:
+            throw py::value_error(msg + "argument out of range (LLAMA_KV_POLICY_ERR_ARG)");
+        case LLAMA_KV_POLICY_ERR_MEMORY:
+            throw std::runtime_error(msg +
+                "the context has no plain KV cache (recurrent, hybrid or iSWA model; "
+                "LLAMA_KV_POLICY_ERR_MEMORY)");
+        case LLAMA_KV_POLICY_ERR_SEQ:
+            throw py::value_error(msg + "sequence id out of range (LLAMA_KV_POLICY_ERR_SEQ)");
+        case LLAMA_KV_POLICY_ERR_CAPACITY:
+            throw std::runtime_error(msg + "output buffer too small (LLAMA_KV_POLICY_ERR_CAPACITY)");
+        default:
+            throw std::runtime_error(msg + "error code " + std::to_string(rc));
+    }
+}
+
+py::dict params_to_dict(const llama_kv_policy_params & p) {
+    py::dict d;
+    d["kind"]              = p.kind;
+    d["forgetting_factor"] = p.forgetting_factor;
+    d["value_aware"]       = p.value_aware;
+    d["n_sink"]            = p.n_sink;
+    d["n_recent"]          = p.n_recent;
+    d["evict_chunk"]       = p.evict_chunk;
+    d["seed"]              = p.seed;
+    return d;
+}
+
+void check_nonneg(int64_t v, const char * name) {
+    if (v < 0 || v > INT32_MAX) {
+        throw py::value_error(std::string(name) + " must be in [0, 2^31-1], got " + std::to_string(v));
+    }
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_core, m) {
-    m.doc() = "a2sf native bindings: KV-cache policy configuration and scores";
+    m.doc() = "a2sf native bindings: KV-cache policy configuration, scores and statistics";
+
+    m.attr("KIND_NONE")      = static_cast<int>(LLAMA_KV_POLICY_NONE);
+    m.attr("KIND_STREAMING") = static_cast<int>(LLAMA_KV_POLICY_STREAMING);
+    m.attr("KIND_SCORE")     = static_cast<int>(LLAMA_KV_POLICY_SCORE);
+    m.attr("KIND_RANDOM")    = static_cast<int>(LLAMA_KV_POLICY_RANDOM);
+
+    m.attr("ERR_ARG")      = LLAMA_KV_POLICY_ERR_ARG;
+    m.attr("ERR_MEMORY")   = LLAMA_KV_POLICY_ERR_MEMORY;
+    m.attr("ERR_SEQ")      = LLAMA_KV_POLICY_ERR_SEQ;
+    m.attr("ERR_CAPACITY") = LLAMA_KV_POLICY_ERR_CAPACITY;
+
+    m.def("default_params", []() { return params_to_dict(llama_kv_policy_default_params()); },
+          "The engine's default policy parameters as a dict.");
+
+    const llama_kv_policy_params dp = llama_kv_policy_default_params();
+
+    m.def(
+        "set_policy",
+        [](const py::object & ctx_obj, int kind, double forgetting_factor, bool value_aware,
+           int64_t n_sink, int64_t n_recent, int64_t evict_chunk, int64_t seed) {
+            llama_context * ctx = as_ctx(ctx_obj);
+            if (kind < LLAMA_KV_POLICY_NONE || kind > LLAMA_KV_POLICY_RANDOM) {
+                throw py::value_error("unknown policy kind " + std::to_string(kind));
+            }
+            if (!std::isfinite(forgetting_factor) || forgetting_factor < 0.0 || forgetting_factor > 1.0) {
+                throw py::value_error("forgetting_factor must be in [0, 1], got " +
+                                      std::to_string(forgetting_factor));
+            }
+            check_nonneg(n_sink, "n_sink");
+            check_nonneg(n_recent, "n_recent");
+            check_nonneg(evict_chunk, "evict_chunk");
+            if (seed < 0 || seed > static_cast<int64_t>(UINT32_MAX)) {
+                throw py::value_error("seed must be in [0, 2^32-1], got " + std::to_string(seed));
+            }
+            llama_kv_policy_params p = llama_kv_policy_default_params();
+            p.kind              = kind;
+            p.forgetting_factor = static_cast<float>(forgetting_factor);
+            p.value_aware       = value_aware;
+            p.n_sink            = static_cast<int32_t>(n_sink);
+            p.n_recent          = static_cast<int32_t>(n_recent);
+            p.evict_chunk       = static_cast<int32_t>(evict_chunk);
+            p.seed              = static_cast<uint32_t>(seed);
+            check(llama_kv_policy_set(ctx, &p), "llama_kv_policy_set");
+        },
+        py::arg("ctx"), py::arg("kind"), py::arg("forgetting_factor") = dp.forgetting_factor,
+        py::arg("value_aware") = dp.value_aware, py::arg("n_sink") = dp.n_sink,
+        py::arg("n_recent") = dp.n_recent, py::arg("evict_chunk") = dp.evict_chunk,
+        py::arg("seed") = dp.seed,
+        "Set (or replace) the eviction policy of a context.");
+
+    m.def(
+        "get_policy",
+        [](const py::object & ctx_obj) {
+            llama_context * ctx = as_ctx(ctx_obj);
+            llama_kv_policy_params p = llama_kv_policy_default_params();
+            check(llama_kv_policy_get(ctx, &p), "llama_kv_policy_get");
+            return params_to_dict(p);
+        },
+        py::arg("ctx"), "The context's current policy parameters as a dict.");
+
+    m.def(
+        "n_layers", [](const py::object & ctx_obj) { return llama_kv_policy_n_layers(as_ctx(ctx_obj)); },
+        py::arg("ctx"), "Number of KV-cache layers that carry scores (0 without a plain KV cache).");
+
+    m.def(
+        "n_cells",
+        [](const py::object & ctx_obj, int32_t seq_id) {
+            llama_context * ctx = as_ctx(ctx_obj);
+            return check(llama_kv_policy_n_cells(ctx, seq_id), "llama_kv_policy_n_cells");
+        },
+        py::arg("ctx"), py::arg("seq_id") = 0, "Number of cells currently holding seq_id.");
+
+    m.def(
+        "scores",
+        [](const py::object & ctx_obj, int32_t seq_id) {
+            llama_context * ctx = as_ctx(ctx_obj);
+            const int32_t n_layers = std::max<int32_t>(0, llama_kv_policy_n_layers(ctx));
+            const int32_t n = check(llama_kv_policy_n_cells(ctx, seq_id), "llama_kv_policy_n_cells");
+
+            py::array_t<int32_t> pos(n);
+            py::array_t<int32_t> cells(n);
+            py::array_t<float>   scores({static_cast<py::ssize_t>(n_layers), static_cast<py::ssize_t>(n)});
+
+            const int32_t got = check(
+                llama_kv_policy_scores(ctx, seq_id, n, pos.mutable_data(), cells.mutable_data(),
+                                       n_layers > 0 ? scores.mutable_data() : nullptr),
+                "llama_kv_policy_scores");
+            if (got != n) {
+                throw std::runtime_error("llama_kv_policy_scores: wrote " + std::to_string(got) +
+                                         " cells, expected " + std::to_string(n));
+            }
+            return py::make_tuple(pos, cells, scores);
+        },
+        py::arg("ctx"), py::arg("seq_id") = 0,
+        "(positions int32[n], cells int32[n], scores float32[n_layers, n]) of the cells of seq_id,\n"
+        "ordered by position.");
+
+    m.def(
+        "stats",
+        [](const py::object & ctx_obj) {
+            llama_context * ctx = as_ctx(ctx_obj);
+            llama_kv_policy_stats s{};
+            check(llama_kv_policy_get_stats(ctx, &s), "llama_kv_policy_get_stats");
+            py::dict d;
+            d["n_evictions"]     = s.n_evictions;
+            d["n_cells_evicted"] = s.n_cells_evicted;
+            d["n_cells_used"]    = s.n_cells_used;
+            d["t_evict_us"]      = s.t_evict_us;
+            return d;
+        },
+        py::arg("ctx"), "Eviction statistics of the context.");
+
+    m.def(
+        "reset_stats", [](const py::object & ctx_obj) { llama_kv_policy_reset_stats(as_ctx(ctx_obj)); },
+        py::arg("ctx"), "Zero the eviction statistics.");
+
+    m.def(
+        "evict",
+        [](const py::object & ctx_obj, int32_t seq_id, int64_t n_free) {
+            llama_context * ctx = as_ctx(ctx_obj);
+            check_nonneg(n_free, "n_free");
+            return check(llama_kv_policy_evict(ctx, seq_id, static_cast<int32_t>(n_free)),
+                         "llama_kv_policy_evict");
+        },
+        py::arg("ctx"), py::arg("seq_id"), py::arg("n_free"),
+        "Evict n_free cells of seq_id now by the policy's ranking; returns the number freed.");
 }
