@@ -1,0 +1,180 @@
+"""Numpy reference of a LLaMA forward pass and of the engine's attention scores.
+
+Reads a LLaMA-architecture GGUF back with ``gguf.GGUFReader`` (quantized
+tensors are dequantized with ``gguf.quants``) and recomputes, in float64:
+
+* the logits of every token (to check the conventions below against llama.cpp),
+* per layer, the softmax attention probabilities ``P[head, query, key]``,
+* per layer, the L1 norm of each token's value vector per KV head,
+* the scores the a2sf engine must hold: per ubatch of ``n`` queries, cells
+  written by that ubatch are reset to 0, then
+  ``S <- alpha^n S + sum_q alpha^(n-1-q) sum_h P[q, h, cell] (* |v_cell,h|_1)``.
+
+Conventions, as in llama.cpp's ``llm_build_llama``: RMSNorm, "normal" RoPE
+(adjacent pairs ``(x[2i], x[2i+1])`` rotated by ``pos * base^(-2i/d)``), GQA
+with query head ``h`` reading KV head ``h // (n_head / n_head_kv)``, causal
+mask, softmax scale ``1/sqrt(head_dim)``, SwiGLU feed-forward.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+__all__ = ["ReferenceLlama", "ForwardResult", "accumulate_scores", "ubatch_sizes"]
+
+
+@dataclass
+class ForwardResult:
+    """Everything :meth:`ReferenceLlama.forward` computes for one token sequence."""
+
+    logits: np.ndarray  # [T, n_vocab]
+    probs: np.ndarray  # [n_layer, n_head, T(query), T(key)], causal (0 above the diagonal)
+    v_l1: np.ndarray  # [n_layer, n_head_kv, T]: L1 norm of each token's value vector
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+class ReferenceLlama:
+    """A float64 numpy LLaMA read from a GGUF file (small models only)."""
+
+    def __init__(self, path: Union[str, os.PathLike]):
+        import gguf
+        from gguf.quants import dequantize
+
+        r = gguf.GGUFReader(str(path))
+        arch = _field(r, "general.architecture")
+        if arch != "llama":
+            raise ValueError(f"reference supports the llama architecture only, got {arch!r}")
+        self.n_layer = int(_field(r, "llama.block_count"))
+        self.n_embd = int(_field(r, "llama.embedding_length"))
+        self.n_head = int(_field(r, "llama.attention.head_count"))
+        self.n_head_kv = int(_field(r, "llama.attention.head_count_kv", self.n_head))
+        self.head_dim = self.n_embd // self.n_head
+        self.n_rot = int(_field(r, "llama.rope.dimension_count", self.head_dim))
+        self.rope_base = float(_field(r, "llama.rope.freq_base", 10000.0))
+        self.eps = float(_field(r, "llama.attention.layer_norm_rms_epsilon", 1e-5))
+        self.w: Dict[str, np.ndarray] = {}
+        for t in r.tensors:
+            shape = tuple(int(x) for x in reversed([int(s) for s in t.shape]))
+            arr = dequantize(np.asarray(t.data), t.tensor_type)
+            self.w[t.name] = np.asarray(arr, dtype=np.float64).reshape(shape)
+        if "output.weight" not in self.w:  # tied embeddings
+            self.w["output.weight"] = self.w["token_embd.weight"]
+        self.n_vocab = self.w["token_embd.weight"].shape[0]
+
+    # -- building blocks ---------------------------------------------------
+    def _rms(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.eps) * weight
+
+    def _rope(self, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """x: [T, heads, head_dim]; llama.cpp LLAMA_ROPE_TYPE_NORM (adjacent pairs)."""
+        d = self.n_rot
+        i = np.arange(0, d, 2, dtype=np.float64)
+        theta = pos[:, None].astype(np.float64) * self.rope_base ** (-i / d)[None, :]  # [T, d/2]
+        cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
+        out = x.copy()
+        x0, x1 = x[..., 0:d:2], x[..., 1:d:2]
+        out[..., 0:d:2] = x0 * cos - x1 * sin
+        out[..., 1:d:2] = x0 * sin + x1 * cos
+        return out
+
+    def forward(self, tokens: Sequence[int], positions: Optional[Sequence[int]] = None) -> ForwardResult:
+        """Full causal forward pass of one sequence (positions default to 0..T-1)."""
+        tok = np.asarray(tokens, dtype=np.int64)
+        T = len(tok)
+        pos = np.arange(T) if positions is None else np.asarray(positions, dtype=np.int64)
+        H, Hkv, hd = self.n_head, self.n_head_kv, self.head_dim
+        group = H // Hkv
+        scale = 1.0 / np.sqrt(hd)
+        mask = np.triu(np.ones((T, T), dtype=bool), k=1)  # key > query
+
+        x = self.w["token_embd.weight"][tok]
+        probs = np.zeros((self.n_layer, H, T, T))
+        v_l1 = np.zeros((self.n_layer, Hkv, T))
+        for il in range(self.n_layer):
+            p = f"blk.{il}."
+            h = self._rms(x, self.w[p + "attn_norm.weight"])
+            q = (h @ self.w[p + "attn_q.weight"].T).reshape(T, H, hd)
+            k = (h @ self.w[p + "attn_k.weight"].T).reshape(T, Hkv, hd)
+            v = (h @ self.w[p + "attn_v.weight"].T).reshape(T, Hkv, hd)
+            q, k = self._rope(q, pos), self._rope(k, pos)
+            v_l1[il] = np.abs(v).sum(axis=-1).T
+            kk = np.repeat(k, group, axis=1)  # [T, H, hd]: head h reads kv head h // group
+            vv = np.repeat(v, group, axis=1)
+            att = np.einsum("qhd,khd->hqk", q, kk) * scale
+            att[:, mask] = -np.inf
+            att -= att.max(axis=-1, keepdims=True)
+            e = np.exp(att)
+            pr = e / e.sum(axis=-1, keepdims=True)
+            probs[il] = pr
+            o = np.einsum("hqk,khd->qhd", pr, vv).reshape(T, H * hd)
+            x = x + o @ self.w[p + "attn_output.weight"].T
+            h = self._rms(x, self.w[p + "ffn_norm.weight"])
+            g = h @ self.w[p + "ffn_gate.weight"].T
+            u = h @ self.w[p + "ffn_up.weight"].T
+            x = x + ((g / (1.0 + np.exp(-g))) * u) @ self.w[p + "ffn_down.weight"].T
+        x = self._rms(x, self.w["output_norm.weight"])
+        logits = x @ self.w["output.weight"].T
+        return ForwardResult(logits=logits, probs=probs, v_l1=v_l1)
+
+    def scores(
+        self,
+        tokens: Sequence[int],
+        ubatches: Sequence[int],
+        forgetting_factor: float,
+        value_aware: bool = False,
+    ) -> np.ndarray:
+        """Engine scores [n_layer, T] after feeding ``tokens`` in the given ubatch sizes."""
+        fr = self.forward(tokens)
+        return accumulate_scores(fr.probs, fr.v_l1, ubatches, forgetting_factor, value_aware)
+
+
+def ubatch_sizes(n_prompt: int, n_ubatch: int, n_decode: int = 0) -> List[int]:
+    """Ubatch sizes llama.cpp uses for one sequence: the prompt split in chunks of
+    ``n_ubatch`` (when n_batch == n_ubatch or n_ubatch divides n_batch), then
+    ``n_decode`` single-token steps."""
+    sizes = [min(n_ubatch, n_prompt - i) for i in range(0, n_prompt, n_ubatch)]
+    return sizes + [1] * n_decode
+
+
+def accumulate_scores(
+    probs: np.ndarray,
+    v_l1: np.ndarray,
+    ubatches: Sequence[int],
+    forgetting_factor: float,
+    value_aware: bool = False,
+) -> np.ndarray:
+    """The engine's per-layer cell scores [n_layer, T] for tokens 0..T-1 in cells 0..T-1.
+
+    ``probs`` [L, H, T, T] and ``v_l1`` [L, Hkv, T] from :meth:`ReferenceLlama.forward`.
+    ``ubatches`` are the sizes of the consecutive ubatches (summing to at most T).
+    """
+    L, H, T, _ = probs.shape
+    Hkv = v_l1.shape[1]
+    group = H // Hkv
+    a = float(forgetting_factor)
+    P = probs
+    if value_aware:
+        # weight key column j of head h by the L1 norm of v_j for kv head h // group
+        P = probs * np.repeat(v_l1, group, axis=1)[:, :, None, :]
+    S = np.zeros((L, T))
+    start = 0
+    for n in ubatches:
+        if n <= 0:
+            raise ValueError("ubatch sizes must be positive")
+        stop = start + n
+        if stop > T:
+            raise ValueError(f"ubatches cover {stop} tokens, only {T} given")
+        S[:, start:stop] = 0.0
+        w = np.array([a ** (n - 1 - q) for q in range(n)])  # 0**0 == 1: TOVA keeps the last query
+        S = (a**n) * S + np.einsum("q,lhqk->lk", w, P[:, :, start:stop, :])
+        start = stop
+    return S[:, :start]
