@@ -22,23 +22,21 @@ if [ ! -e "$tree/.git" ]; then
     export GIT_CEILING_DIRECTORIES="$(dirname "$tree")"
 fi
 
-shopt -s nullglob
-series=("$patches"/*.patch)
-n=0
-for p in "${series[@]}"; do
-    name="$(basename "$p")"
+apply_one() {
     if command -v git >/dev/null 2>&1; then
-        if ! out="$(git apply --whitespace=nowarn "$p" 2>&1)"; then
-            echo "a2sf: patch $name does not apply to $tree:" >&2
-            echo "$out" >&2
-            exit 1
-        fi
+        git apply --whitespace=nowarn "$1"
     else
-        if ! out="$(patch -p1 --batch --forward --silent < "$p" 2>&1)"; then
-            echo "a2sf: patch $name does not apply to $tree:" >&2
-            echo "$out" >&2
-            exit 1
-        fi
+        patch -p1 --batch --forward --silent < "$1"
+    fi
+}
+
+shopt -s nullglob
+n=0
+for p in "$patches"/*.patch; do
+    if ! out="$(apply_one "$p" 2>&1)"; then
+        echo "a2sf: patch $(basename "$p") does not apply to $tree:" >&2
+        echo "$out" >&2
+        exit 1
     fi
     n=$((n + 1))
 done
