@@ -1,12 +1,435 @@
-"""`a2sf.Llama`: llama_cpp.Llama with a KV-cache eviction policy."""
+"""`a2sf.Llama`: llama_cpp.Llama with a KV-cache eviction policy.
+
+    from a2sf import Llama
+    llm = Llama("model.gguf", n_ctx=2048, kv_policy="a2sf")          # alpha 0.95
+    llm = Llama("model.gguf", kv_policy="h2o", n_recent=64)
+    llm("Once upon a time", max_tokens=8000)                         # runs past n_ctx
+
+With ``kv_policy=None`` (the default) the class is llama_cpp.Llama: every
+override below hands straight to the parent.
+
+With a policy, the patched llama.cpp evicts cells when the cache is full, so a
+sequence can grow past ``n_ctx``; positions keep increasing (no shift). This
+class then
+
+* picks ``n_batch``/``n_ubatch`` so that a batch always fits beside the
+  protected cells (``n_sink + n_recent + n_batch < n_ctx``), and rejects values
+  the caller chose that do not;
+* grows ``input_ids`` (and ``scores`` under ``logits_all``) as the sequence
+  grows, instead of the parent's fixed ``n_ctx`` rows;
+* lifts the completion API's context-window limit to ``max_positions``
+  (default: the model's training context): prompts longer than ``n_ctx`` are
+  fed in chunks of ``n_batch``, and ``max_tokens=None`` means "until
+  ``max_positions``";
+* never reuses a cached prefix that eviction has punched holes in: a new
+  prompt that does not continue the evaluated tokens, once any of the cells it
+  would keep were evicted, starts from an empty cache.
+
+Note: ``logits_all=True`` keeps one row of logits per position ever evaluated
+(n_vocab floats each), so very long generations with it cost memory.
+"""
 from __future__ import annotations
+
+import inspect
+import os
+import struct
+import sys
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Sequence
+
+import numpy as np
 
 import llama_cpp
 
+from .policies import KVPolicy, PolicyKind, make_policy
+
+__all__ = ["Llama", "KVScores"]
+
+# the parent's own n_batch default (llama_cpp.Llama.__init__)
+_PARENT_N_BATCH = 512
+
+
+def _core():
+    """a2sf._core, imported on first use (the parent class works without it)."""
+    try:
+        from . import _core as core  # type: ignore[attr-defined]
+    except ImportError as e:  # pragma: no cover - depends on the build
+        raise ImportError(
+            "a2sf._core (the native eviction engine bindings) could not be imported; "
+            "kv_policy needs a2sf built against the patched libllama "
+            f"(bash scripts/setup.sh): {e}"
+        ) from e
+    return core
+
+
+@dataclass
+class KVScores:
+    """Cells of one sequence, ordered by position (see :meth:`Llama.kv_scores`)."""
+
+    positions: np.ndarray  # int32 [n_cells]
+    cells: np.ndarray  # int32 [n_cells]: cell index in the KV cache
+    scores: np.ndarray  # float32 [n_layers, n_cells]
+
+    @property
+    def total(self) -> np.ndarray:
+        """Score summed over layers (what eviction ranks by), float64 [n_cells]."""
+        return self.scores.sum(axis=0, dtype=np.float64)
+
+    def __len__(self) -> int:
+        return int(self.positions.shape[0])
+
+    # dict-style access, for callers that prefer kv_scores()["scores"]
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in ("positions", "cells", "scores"):
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def keys(self):
+        return ("positions", "cells", "scores")
+
+
+# -- GGUF header: the training context, to resolve n_ctx=0 before loading ---------
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+                 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def _gguf_context_length(path: str) -> Optional[int]:
+    """``<arch>.context_length`` from a GGUF header, or None if it can't be read."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                return None
+            (version,) = struct.unpack("<I", f.read(4))
+            if version < 2:
+                return None
+            _n_tensors, n_kv = struct.unpack("<QQ", f.read(16))
+
+            def read_str() -> str:
+                (n,) = struct.unpack("<Q", f.read(8))
+                return f.read(n).decode("utf-8", errors="replace")
+
+            def read_val(t: int):
+                if t in _GGUF_SCALARS:
+                    fmt = _GGUF_SCALARS[t]
+                    return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+                if t == 8:
+                    return read_str()
+                if t == 9:
+                    (it,) = struct.unpack("<I", f.read(4))
+                    (n,) = struct.unpack("<Q", f.read(8))
+                    if it in _GGUF_SCALARS:  # skip without decoding
+                        f.seek(n * struct.calcsize(_GGUF_SCALARS[it]), os.SEEK_CUR)
+                        return None
+                    for _ in range(n):
+                        read_val(it)
+                    return None
+                raise ValueError(f"unknown GGUF value type {t}")
+
+            arch = None
+            values: Dict[str, Any] = {}
+            for _ in range(n_kv):
+                key = read_str()
+                (t,) = struct.unpack("<I", f.read(4))
+                v = read_val(t)
+                if key == "general.architecture":
+                    arch = v
+                elif key.endswith(".context_length"):
+                    values[key] = v
+                if arch is not None and f"{arch}.context_length" in values:
+                    return int(values[f"{arch}.context_length"])
+            return None
+    except (OSError, struct.error, ValueError):
+        return None
+
+
+def _ctx_address(ctx: Any) -> int:
+    v = getattr(ctx, "value", ctx)
+    if v is None:
+        raise ValueError("the llama_context is closed")
+    return int(v)
+
 
 class Llama(llama_cpp.Llama):
-    """Drop-in llama_cpp.Llama. `kv_policy=None` behaves exactly like the parent."""
+    """Drop-in llama_cpp.Llama with a KV-cache eviction policy.
 
-    def __init__(self, model_path: str, *args, kv_policy=None, **kwargs):
-        self.kv_policy = kv_policy
-        super().__init__(model_path, *args, **kwargs)
+    Args (besides llama_cpp.Llama's):
+        kv_policy: None (plain llama.cpp), a name ("streaming", "h2o", "tova",
+            "a2sf", "vatp", "random", "none"), a :class:`a2sf.policies.KVPolicy`
+            instance or class.
+        forgetting_factor, n_sink, n_recent, evict_chunk, value_aware, kv_seed:
+            override the policy's fields (None = keep the policy's value).
+        max_positions: with a policy, the longest sequence the completion API
+            runs to (default: the model's training context, at least n_ctx).
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        kv_policy: Any = None,
+        forgetting_factor: Optional[float] = None,
+        n_sink: Optional[int] = None,
+        n_recent: Optional[int] = None,
+        evict_chunk: Optional[int] = None,
+        value_aware: Optional[bool] = None,
+        kv_seed: Optional[int] = None,
+        max_positions: Optional[int] = None,
+        **kwargs: Any,
+    ):
+        policy = make_policy(
+            kv_policy,
+            forgetting_factor=forgetting_factor,
+            n_sink=n_sink,
+            n_recent=n_recent,
+            evict_chunk=evict_chunk,
+            value_aware=value_aware,
+            seed=kv_seed,
+        )
+        self._kv_policy: Optional[KVPolicy] = policy
+        self._a2sf_max_positions: Optional[int] = None
+        active = policy is not None and policy.kind != PolicyKind.NONE
+
+        if not active:
+            if max_positions is not None:
+                raise ValueError("max_positions needs a kv_policy (without one the limit is n_ctx)")
+            super().__init__(model_path, **kwargs)
+            return
+
+        kwargs = self._a2sf_fit_batch(model_path, policy, kwargs)
+        core = _core()  # fail before loading the model if the engine is missing
+        if max_positions is not None:
+            if isinstance(max_positions, bool) or not isinstance(max_positions, int):
+                raise TypeError(f"max_positions must be an int, got {max_positions!r}")
+            if max_positions < kwargs["n_ctx"]:
+                raise ValueError(
+                    f"max_positions ({max_positions}) must be at least n_ctx ({kwargs['n_ctx']})"
+                )
+        super().__init__(model_path, **kwargs)
+
+        self._a2sf_max_positions = max_positions
+        core.set_policy(_ctx_address(self._ctx.ctx), **policy.to_native())
+        self._a2sf_lift_limits()
+
+    # -- set-up helpers ------------------------------------------------------
+    @staticmethod
+    def _a2sf_fit_batch(model_path: str, policy: KVPolicy, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+        """Resolve n_ctx and choose (or check) n_batch / n_ubatch for the policy."""
+        kwargs = dict(kwargs)
+        n_ctx = kwargs.get("n_ctx", 512)
+        if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 0:
+            raise ValueError(f"n_ctx must be a non-negative int, got {n_ctx!r}")
+        if n_ctx == 0:
+            n_ctx_train = _gguf_context_length(model_path) if os.path.exists(model_path) else None
+            if n_ctx_train is None:
+                raise ValueError(
+                    "n_ctx=0 (the model's training context) could not be resolved from "
+                    f"{model_path!r}; pass n_ctx explicitly when using a kv_policy"
+                )
+            n_ctx = n_ctx_train
+        kwargs["n_ctx"] = n_ctx
+
+        protected = policy.n_protected
+        room = n_ctx - protected  # cells left for the incoming batch
+        if room <= 1:
+            raise ValueError(
+                f"{type(policy).__name__}: n_sink + n_recent = {protected} leaves no room "
+                f"for a batch in n_ctx={n_ctx}; lower n_sink/n_recent or raise n_ctx"
+            )
+
+        def user_value(name: str) -> Optional[int]:
+            v = kwargs.get(name)
+            if v is None:
+                return None
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            if protected + v >= n_ctx:
+                raise ValueError(
+                    f"{name}={v} does not fit beside the protected cells: n_sink + n_recent "
+                    f"+ {name} = {protected + v} must be < n_ctx = {n_ctx} "
+                    f"(eviction must free a whole batch; use {name} <= {room - 1})"
+                )
+            return v
+
+        n_batch = user_value("n_batch")
+        n_ubatch = user_value("n_ubatch")
+        if n_batch is None:
+            if n_ubatch is not None:
+                n_batch = n_ubatch
+            else:
+                # a quarter of the cache at most: one prefill chunk never evicts
+                # most of what the scores have learnt
+                n_batch = max(1, min(_PARENT_N_BATCH, room - 1, n_ctx // 4))
+        kwargs["n_batch"] = n_batch
+        kwargs["n_ubatch"] = min(n_batch, n_ubatch) if n_ubatch is not None else n_batch
+        return kwargs
+
+    def _a2sf_lift_limits(self) -> None:
+        """With a policy, the completion API's 'context window' is max_positions."""
+        n_ctx = self.n_ctx()
+        limit = self._a2sf_max_positions
+        if limit is None:
+            try:
+                limit = int(self._model.n_ctx_train())
+            except Exception:  # pragma: no cover
+                limit = n_ctx
+        self._n_ctx = max(limit, n_ctx)
+        self._a2sf_reserve(self.n_tokens + self.n_batch)
+
+    @property
+    def _a2sf_active(self) -> bool:
+        p = getattr(self, "_kv_policy", None)
+        return p is not None and p.kind != PolicyKind.NONE
+
+    def _a2sf_reserve(self, n: int) -> None:
+        """Grow input_ids (and scores under logits_all) to hold at least n positions."""
+        have = self.input_ids.shape[0]
+        if n <= have:
+            return
+        new = max(n, 2 * have)
+        ids = np.zeros((new,), dtype=self.input_ids.dtype)
+        ids[:have] = self.input_ids
+        self.input_ids = ids
+        if self._logits_all and self.scores.shape[0] < new:
+            sc = np.zeros((new, self.scores.shape[1]), dtype=self.scores.dtype)
+            sc[: self.scores.shape[0]] = self.scores
+            self.scores = sc
+
+    # -- public API ----------------------------------------------------------
+    @property
+    def kv_policy(self) -> Optional[KVPolicy]:
+        """The policy in force (None: plain llama.cpp)."""
+        return self._kv_policy
+
+    def set_kv_policy(self, kv_policy: Any = None, **overrides: Any) -> Optional[KVPolicy]:
+        """Replace the policy of the live context (scores gathered so far are kept).
+
+        Accepts what the constructor's ``kv_policy`` does, plus field overrides.
+        Switching to None/NoEviction after cells were evicted resets the state
+        (the plain cache cannot hold a sequence longer than n_ctx).
+        """
+        policy = make_policy(kv_policy, **overrides)
+        active = policy is not None and policy.kind != PolicyKind.NONE
+        core = _core()
+        ctx = _ctx_address(self._ctx.ctx)
+        if active:
+            n_ctx = self.n_ctx()
+            if policy.n_protected + self.n_batch >= n_ctx:
+                raise ValueError(
+                    f"n_sink + n_recent + n_batch = {policy.n_protected + self.n_batch} must be "
+                    f"< n_ctx = {n_ctx} for {type(policy).__name__}"
+                )
+            core.set_policy(ctx, **policy.to_native())
+            self._kv_policy = policy
+            self._a2sf_lift_limits()
+        else:
+            was_evicting = self.n_tokens > 0 and self._a2sf_cells_lost()
+            core.set_policy(ctx, kind=int(PolicyKind.NONE))
+            self._kv_policy = policy
+            self._n_ctx = self.n_ctx()
+            self._a2sf_max_positions = None
+            if was_evicting or self.n_tokens > self._n_ctx:
+                self.reset()
+        return policy
+
+    def kv_scores(self, seq_id: int = 0) -> KVScores:
+        """Positions, cell indices and per-layer scores of the cells of ``seq_id``."""
+        pos, cells, scores = _core().scores(_ctx_address(self._ctx.ctx), seq_id)
+        return KVScores(positions=pos, cells=cells, scores=scores)
+
+    def kv_n_cells(self, seq_id: int = 0) -> int:
+        """Number of KV cells holding ``seq_id``."""
+        return int(_core().n_cells(_ctx_address(self._ctx.ctx), seq_id))
+
+    def kv_stats(self) -> Dict[str, Any]:
+        """Eviction statistics: evictions, cells_evicted, cells_used, evict_seconds."""
+        s = _core().stats(_ctx_address(self._ctx.ctx))
+        return {
+            "evictions": int(s["n_evictions"]),
+            "cells_evicted": int(s["n_cells_evicted"]),
+            "cells_used": int(s["n_cells_used"]),
+            "evict_seconds": float(s["t_evict_us"]) / 1e6,
+        }
+
+    def kv_evict(self, n_free: int, seq_id: int = 0) -> int:
+        """Evict ``n_free`` cells of ``seq_id`` now, by the policy's ranking.
+
+        Decode does this by itself when the cache is full; this is for tests and
+        tools. Returns the number of cells freed.
+        """
+        if isinstance(n_free, bool) or not isinstance(n_free, int) or n_free < 0:
+            raise ValueError(f"n_free must be a non-negative int, got {n_free!r}")
+        return int(_core().evict(_ctx_address(self._ctx.ctx), seq_id, n_free))
+
+    def kv_reset_stats(self) -> None:
+        """Zero the eviction statistics."""
+        _core().reset_stats(_ctx_address(self._ctx.ctx))
+
+    # -- overrides (policy only; plain parent behaviour otherwise) ------------
+    def eval(self, tokens: Sequence[int]):
+        if not self._a2sf_active:
+            return super().eval(tokens)
+        self._a2sf_reserve(self.n_tokens + len(tokens))
+        super().eval(tokens)
+        # room for the next batch and for speculative drafts written before eval
+        self._a2sf_reserve(self.n_tokens + self.n_batch)
+
+    def load_state(self, state) -> None:
+        if self._a2sf_active:
+            self._a2sf_reserve(int(state.n_tokens) + self.n_batch)
+        return super().load_state(state)
+
+    def generate(self, tokens: Sequence[int], *args: Any, **kwargs: Any):
+        if not self._a2sf_active:
+            return super().generate(tokens, *args, **kwargs)
+        return self._a2sf_generate(tokens, *args, **kwargs)
+
+    _GENERATE_SIGNATURE = inspect.signature(llama_cpp.Llama.generate)
+
+    def _a2sf_generate(self, tokens: Sequence[int], *args: Any, **kwargs: Any):
+        bound = self._GENERATE_SIGNATURE.bind(self, tokens, *args, **kwargs)
+        reset = bound.arguments.get("reset", True)
+        if reset and self.n_tokens > 0:
+            self._a2sf_drop_evicted_prefix(list(tokens))
+        return (yield from super().generate(tokens, *args, **kwargs))
+
+    def _a2sf_cells_lost(self) -> bool:
+        """True if seq 0 holds fewer cells than evaluated positions (eviction happened)."""
+        return _core().n_cells(_ctx_address(self._ctx.ctx), 0) < self.n_tokens
+
+    def _a2sf_drop_evicted_prefix(self, tokens: list) -> None:
+        """Reset unless the prefix the parent's generate() would keep is intact."""
+        n_tokens = self.n_tokens
+        match = 0
+        for a, b in zip(self.input_ids[:n_tokens].tolist(), tokens):
+            if a != b:
+                break
+            match += 1
+        # what llama_cpp.Llama.generate keeps (see its prefix-match logic)
+        consumed = match == len(tokens)
+        if consumed and n_tokens == len(tokens) and not self._requires_eval:
+            keep = n_tokens
+        elif consumed:
+            keep = match - 1
+        else:
+            keep = match
+        if keep >= n_tokens or not self._a2sf_cells_lost():
+            return  # pure continuation, or nothing evicted: the parent's reuse is exact
+        if keep > 0:
+            pos, _, _ = _core().scores(_ctx_address(self._ctx.ctx), 0)
+            if int(np.count_nonzero(pos < keep)) == keep:
+                return  # positions [0, keep) all present
+        if self.verbose:
+            print(
+                f"a2sf.Llama.generate: the cache lost evicted cells of the {keep} reusable "
+                "prompt tokens; re-evaluating the prompt from scratch",
+                file=sys.stderr,
+            )
+        self.reset()
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        if self._kv_policy is not None:
+            state["kv_policy"] = self._kv_policy
+            if self._a2sf_max_positions is not None:
+                state["max_positions"] = self._a2sf_max_positions
+        return state

@@ -89,7 +89,9 @@ def _check_alpha(owner: str, value: Any) -> None:
 
 def _check_bool(owner: str, name: str, value: Any) -> None:
     # accept numpy.bool_ too, but not ints such as 0/1 or strings such as "no"
-    if not (isinstance(value, bool) or type(value).__name__ == "bool_"):
+    t = type(value)
+    is_numpy_bool = t.__module__ == "numpy" and t.__name__ in ("bool_", "bool")
+    if not (isinstance(value, bool) or is_numpy_bool):
         raise TypeError(
             f"{owner}.{name} must be a bool, got {type(value).__name__} ({value!r})"
         )

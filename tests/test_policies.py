@@ -1,0 +1,159 @@
+"""a2sf.policies: construction, defaults, validation, make_policy."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+from a2sf.policies import (
+    A2SF,
+    H2O,
+    POLICIES,
+    TOVA,
+    VATP,
+    KVPolicy,
+    NoEviction,
+    PolicyKind,
+    RandomEviction,
+    StreamingLLM,
+    make_policy,
+)
+
+ALL = [NoEviction, StreamingLLM, H2O, TOVA, A2SF, VATP, RandomEviction]
+
+
+def test_defaults_and_kinds():
+    assert (StreamingLLM().kind, H2O().kind, TOVA().kind, A2SF().kind, VATP().kind,
+            RandomEviction().kind, NoEviction().kind) == (
+        PolicyKind.STREAMING, PolicyKind.SCORE, PolicyKind.SCORE, PolicyKind.SCORE,
+        PolicyKind.SCORE, PolicyKind.RANDOM, PolicyKind.NONE)
+    assert H2O().forgetting_factor == 1.0 and not H2O().value_aware
+    assert TOVA().forgetting_factor == 0.0
+    assert A2SF().forgetting_factor == 0.95
+    assert VATP().forgetting_factor == 1.0 and VATP().value_aware
+    for cls in (StreamingLLM, H2O, TOVA, A2SF, VATP, RandomEviction):
+        p = cls()
+        assert (p.n_sink, p.n_recent, p.evict_chunk) == (4, 32, 16)
+        assert p.n_protected == 36
+
+
+def test_every_policy_documents_its_paper():
+    papers = {StreamingLLM: "2309.17453", H2O: "2306.14048", TOVA: "2401.06104",
+              A2SF: "2407.20485", VATP: "2406.12335"}
+    for cls, arxiv in papers.items():
+        assert arxiv in cls.__doc__
+    for cls in ALL:
+        assert cls.__doc__ and cls.__doc__.strip()
+
+
+def test_to_native_matches_core_signature():
+    n = A2SF(forgetting_factor=0.5, n_sink=2, n_recent=8, evict_chunk=4, seed=7).to_native()
+    assert n == {"kind": 2, "forgetting_factor": 0.5, "value_aware": False, "n_sink": 2,
+                 "n_recent": 8, "evict_chunk": 4, "seed": 7}
+    assert all(type(v) in (int, float, bool) for v in n.values())
+    assert VATP().to_native()["value_aware"] is True
+    assert StreamingLLM().to_native()["kind"] == 1
+    assert RandomEviction(seed=3).to_native()["kind"] == 3
+
+
+def test_frozen_and_replace():
+    p = A2SF()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.forgetting_factor = 0.1  # type: ignore[misc]
+    q = p.replace(forgetting_factor=0.5)
+    assert q.forgetting_factor == 0.5 and p.forgetting_factor == 0.95
+    assert q == A2SF(forgetting_factor=0.5)
+
+
+def test_numpy_scalars_are_normalised():
+    p = A2SF(forgetting_factor=np.float32(0.5), n_sink=np.int64(3), value_aware=np.bool_(True))
+    assert type(p.forgetting_factor) is float and type(p.n_sink) is int and p.value_aware is True
+
+
+@pytest.mark.parametrize("name,cls", [
+    ("none", NoEviction), ("streaming", StreamingLLM), ("StreamingLLM", StreamingLLM),
+    ("h2o", H2O), ("H2O", H2O), ("tova", TOVA), ("a2sf", A2SF), ("vatp", VATP),
+    ("random", RandomEviction),
+])
+def test_make_policy_by_name(name, cls):
+    assert type(make_policy(name)) is cls
+
+
+def test_make_policy_none_instance_class_and_overrides():
+    assert make_policy(None) is None
+    assert make_policy(None, n_sink=None) is None  # None overrides count as not given
+    p = H2O(n_recent=8)
+    assert make_policy(p) is p
+    assert make_policy(p, n_sink=2) == H2O(n_recent=8, n_sink=2)
+    assert make_policy(TOVA, n_recent=5) == TOVA(n_recent=5)
+    assert make_policy("a2sf", forgetting_factor=0.3, n_recent=None).forgetting_factor == 0.3
+    assert set(POLICIES) == {"none", "streaming", "h2o", "tova", "a2sf", "vatp", "random"}
+
+
+@pytest.mark.parametrize("bad", [-0.01, 1.01, math.nan, math.inf, -math.inf])
+def test_alpha_out_of_range(bad):
+    with pytest.raises(ValueError, match="forgetting_factor"):
+        A2SF(forgetting_factor=bad)
+    with pytest.raises(ValueError, match="forgetting_factor"):
+        make_policy("a2sf", forgetting_factor=bad)
+
+
+@pytest.mark.parametrize("bad", [True, False, "0.5", [0.5], 1j, object()])
+def test_alpha_not_a_real_number(bad):
+    with pytest.raises(TypeError, match="forgetting_factor"):
+        A2SF(forgetting_factor=bad)
+
+
+@pytest.mark.parametrize("field", ["n_sink", "n_recent", "evict_chunk", "seed"])
+def test_sizes(field):
+    with pytest.raises(ValueError, match=field):
+        A2SF(**{field: -1})
+    for bad in (1.0, "4", True, None):
+        with pytest.raises(TypeError, match=field):
+            A2SF(**{field: bad})
+    with pytest.raises(ValueError):
+        A2SF(**{field: 2**32})
+    assert getattr(A2SF(**{field: 0}), field) == 0
+
+
+def test_value_aware_must_be_bool():
+    for bad in (1, 0, "yes", None):
+        with pytest.raises(TypeError, match="value_aware"):
+            A2SF(value_aware=bad)
+
+
+def test_pinned_fields_cannot_be_overridden():
+    with pytest.raises(TypeError, match="H2O fixes forgetting_factor"):
+        make_policy("h2o", forgetting_factor=0.5)
+    with pytest.raises(TypeError, match="TOVA fixes forgetting_factor"):
+        make_policy("tova", forgetting_factor=0.5)
+    with pytest.raises(TypeError, match="VATP fixes value_aware"):
+        make_policy("vatp", value_aware=False)
+    with pytest.raises(TypeError):
+        StreamingLLM(forgetting_factor=0.5)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        make_policy("none", n_sink=4)
+    with pytest.raises(TypeError, match="no field 'window'"):
+        make_policy("h2o", window=3)
+
+
+def test_make_policy_bad_specs():
+    with pytest.raises(ValueError, match="unknown KV policy 'snapkv'"):
+        make_policy("snapkv")
+    for bad in (3, 0.5, ["h2o"], {"kind": 2}, b"h2o"):
+        with pytest.raises(TypeError, match="kv_policy must be"):
+            make_policy(bad)
+    with pytest.raises(ValueError, match="without a policy"):
+        make_policy(None, forgetting_factor=0.5)
+
+
+def test_no_hidden_state():
+    a, b = make_policy("a2sf"), make_policy("a2sf")
+    assert a == b and a is not b
+    make_policy("a2sf", forgetting_factor=0.1)
+    assert make_policy("a2sf").forgetting_factor == 0.95
+    assert hash(A2SF()) == hash(A2SF())  # frozen: usable as dict keys
+    assert A2SF().to_dict()["policy"] == "a2sf"
+    assert issubclass(A2SF, KVPolicy)
