@@ -196,7 +196,6 @@ class Llama(llama_cpp.Llama):
             return
 
         kwargs = self._a2sf_fit_batch(model_path, policy, kwargs)
-        core = _core()  # fail before loading the model if the engine is missing
         if max_positions is not None:
             if isinstance(max_positions, bool) or not isinstance(max_positions, int):
                 raise TypeError(f"max_positions must be an int, got {max_positions!r}")
@@ -204,6 +203,7 @@ class Llama(llama_cpp.Llama):
                 raise ValueError(
                     f"max_positions ({max_positions}) must be at least n_ctx ({kwargs['n_ctx']})"
                 )
+        core = _core()  # fail before loading the model if the engine is missing
         super().__init__(model_path, **kwargs)
 
         self._a2sf_max_positions = max_positions
@@ -425,6 +425,11 @@ class Llama(llama_cpp.Llama):
                 file=sys.stderr,
             )
         self.reset()
+
+    def close(self) -> None:
+        if "_stack" not in self.__dict__:
+            return  # __init__ raised (bad settings) before the parent set anything up
+        super().close()
 
     def __getstate__(self):
         state = super().__getstate__()
