@@ -306,7 +306,8 @@ def test_logits_all_grows_with_the_sequence(core, tiny_f32):
     llm = tiny(tiny_f32, "tova", logits_all=True)
     out = llm.create_completion(list(range(3, 300)) * 2, max_tokens=5, temperature=0.0, logprobs=3)
     assert llm.scores.shape[0] >= llm.n_tokens >= 598
-    assert len(out["choices"][0]["logprobs"]["tokens"]) == 5
+    lp = out["choices"][0]["logprobs"]
+    assert lp["tokens"] and all(math.isfinite(x) for x in lp["token_logprobs"])
 
 
 def test_set_kv_policy(core, tiny_f32):

@@ -326,7 +326,6 @@ class Llama(llama_cpp.Llama):
             core.set_policy(ctx, kind=int(PolicyKind.NONE))
             self._kv_policy = policy
             self._n_ctx = self.n_ctx()
-            self._a2sf_max_positions = None
             if was_evicting or self.n_tokens > self._n_ctx:
                 self.reset()
         return policy
