@@ -150,3 +150,30 @@ def test_q8_0_model_runs_with_a_policy(core, tiny_q8):
     s = llm.kv_scores()
     assert len(s) <= 256 and np.isfinite(s.scores).all()
     assert isinstance(make_policy("a2sf"), KVPolicy)
+
+
+@pytest.mark.parametrize("policy", ["a2sf", "vatp", "streaming"])
+def test_after_eviction_the_evicted_cells_are_gone_from_attention(core, tiny_f32, tokens, policy):
+    """Logits and scores after a manual eviction equal the reference with those
+    keys masked for every later query (the freed cells are reused by new tokens)."""
+    prompt, decode = tokens
+    pol = make_policy(policy, n_sink=2, n_recent=8)
+    llm = _llm(tiny_f32, pol, logits_all=True)
+    llm.eval(prompt)
+    n = len(prompt)
+    assert llm.kv_evict(10) == 10
+    kept = set(llm.kv_scores().positions.tolist())
+    evicted = sorted(set(range(n)) - kept)
+    assert len(evicted) == 10 and all(pol.n_sink <= p < n - pol.n_recent for p in evicted)
+    for t in decode:
+        llm.eval([t])
+    T = n + len(decode)
+    visible = np.ones((T, T), dtype=bool)
+    visible[np.ix_(range(n, T), evicted)] = False
+    ref = ReferenceLlama(tiny_f32).forward(prompt + decode, visible=visible)
+    np.testing.assert_allclose(llm.scores[:T], ref.logits, rtol=1e-4, atol=1e-4)
+    s = llm.kv_scores()
+    assert s.positions.tolist() == sorted(kept | set(range(n, T)))
+    if pol.kind == 2:  # scored policies
+        exp = accumulate_scores(ref.probs, ref.v_l1, _ubatches(n), pol.forgetting_factor, pol.value_aware)
+        np.testing.assert_allclose(s.scores, exp[:, s.positions], **TOL)

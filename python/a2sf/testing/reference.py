@@ -86,8 +86,18 @@ class ReferenceLlama:
         out[..., 1:d:2] = x0 * sin + x1 * cos
         return out
 
-    def forward(self, tokens: Sequence[int], positions: Optional[Sequence[int]] = None) -> ForwardResult:
-        """Full causal forward pass of one sequence (positions default to 0..T-1)."""
+    def forward(
+        self,
+        tokens: Sequence[int],
+        positions: Optional[Sequence[int]] = None,
+        visible: Optional[np.ndarray] = None,
+    ) -> ForwardResult:
+        """Forward pass of one sequence (positions default to 0..T-1).
+
+        ``visible`` [T, T] bool, optional: which keys each query may attend to,
+        on top of the causal mask; e.g. ``visible[q, k] = False`` for every query
+        after the cell of token k was evicted.
+        """
         tok = np.asarray(tokens, dtype=np.int64)
         T = len(tok)
         pos = np.arange(T) if positions is None else np.asarray(positions, dtype=np.int64)
@@ -95,6 +105,8 @@ class ReferenceLlama:
         group = H // Hkv
         scale = 1.0 / np.sqrt(hd)
         mask = np.triu(np.ones((T, T), dtype=bool), k=1)  # key > query
+        if visible is not None:
+            mask = mask | ~np.asarray(visible, dtype=bool)
 
         x = self.w["token_embd.weight"][tok]
         probs = np.zeros((self.n_layer, H, T, T))
@@ -112,7 +124,7 @@ class ReferenceLlama:
             att = np.einsum("qhd,khd->hqk", q, kk) * scale
             att[:, mask] = -np.inf
             att -= att.max(axis=-1, keepdims=True)
-            e = np.exp(att)
+            e = np.exp(att)  # a query always sees itself: no all-masked row
             pr = e / e.sum(axis=-1, keepdims=True)
             probs[il] = pr
             o = np.einsum("hqk,khd->qhd", pr, vv).reshape(T, H * hd)
