@@ -300,6 +300,10 @@ class Llama(llama_cpp.Llama):
         """The policy in force (None: plain llama.cpp)."""
         return self._kv_policy
 
+    @kv_policy.setter
+    def kv_policy(self, value: Any) -> None:
+        self.set_kv_policy(value)
+
     def set_kv_policy(self, kv_policy: Any = None, **overrides: Any) -> Optional[KVPolicy]:
         """Replace the policy of the live context (scores gathered so far are kept).
 
