@@ -113,10 +113,19 @@ def test_scores_match_reference(core, tiny_f32, tokens, reference, alpha, value_
 
 @pytest.mark.parametrize("policy", ["h2o", "vatp", "a2sf", "tova"])
 def test_flash_attention_gives_the_same_scores(core, tiny_f32, tokens, policy):
+    """The scoring ops see the same probabilities with and without flash attention.
+
+    Layer 0 reads identical inputs either way, so its scores agree to float
+    precision. Deeper layers read hidden states that llama.cpp's flash-attention
+    kernel computed with K/V rounded to F16, so they agree only to ~1e-3; the
+    ranking that eviction uses must still be the same there.
+    """
     pre0, post0, _ = _run(tiny_f32, tokens, policy, flash_attn=False)
     pre1, post1, _ = _run(tiny_f32, tokens, policy, flash_attn=True)
-    np.testing.assert_allclose(pre1, pre0, **TOL)
-    np.testing.assert_allclose(post1, post0, **TOL)
+    for fa, ref in ((pre1, pre0), (post1, post0)):
+        np.testing.assert_allclose(fa[0], ref[0], **TOL)
+        np.testing.assert_allclose(fa, ref, rtol=2e-2, atol=5e-3)
+        np.testing.assert_array_equal(np.argsort(-fa.sum(0))[:5], np.argsort(-ref.sum(0))[:5])
 
 
 def test_scores_reset_when_a_cell_is_rewritten(core, tiny_f32, tokens, reference):

@@ -40,12 +40,9 @@ def test_installed_build_matches_patch_series():
 
 
 def test_core_module_loads():
-    try:
-        import a2sf._core  # noqa: F401
-    except ImportError as e:
-        if "undefined symbol: llama_kv_policy" in str(e):
-            pytest.xfail(f"engine C API not implemented in libllama yet: {e}")
-        raise
+    from a2sf import _core
+
+    assert _core.n_layers is not None
 
 
 def _run_py(code: str, env: dict) -> subprocess.CompletedProcess:

@@ -1,0 +1,148 @@
+// a2sf: the C API of the eviction engine (cpp/include/llama-kv-policy.h).
+//
+// Every function validates what it is given and returns an error code: nothing
+// a caller passes may reach a GGML_ASSERT.
+
+#include "llama-kv-policy.h"
+#include "llama-kv-score.h"
+
+#include "llama-context.h"
+#include "llama-kv-cache.h"
+
+#include <cmath>
+
+struct llama_kv_policy_params llama_kv_policy_default_params(void) {
+    const llama_kv_policy_cfg d;
+
+    llama_kv_policy_params p;
+    p.kind              = d.kind;
+    p.forgetting_factor = d.forgetting_factor;
+    p.value_aware       = d.value_aware;
+    p.n_sink            = d.n_sink;
+    p.n_recent          = d.n_recent;
+    p.evict_chunk       = d.evict_chunk;
+    p.seed              = d.seed;
+    return p;
+}
+
+int32_t llama_kv_policy_set(struct llama_context * ctx, const struct llama_kv_policy_params * params) {
+    if (ctx == nullptr || params == nullptr) {
+        return LLAMA_KV_POLICY_ERR_ARG;
+    }
+    const auto & p = *params;
+    if (p.kind < LLAMA_KV_POLICY_NONE || p.kind > LLAMA_KV_POLICY_RANDOM) {
+        return LLAMA_KV_POLICY_ERR_ARG;
+    }
+    if (!std::isfinite(p.forgetting_factor) || p.forgetting_factor < 0.0f || p.forgetting_factor > 1.0f) {
+        return LLAMA_KV_POLICY_ERR_ARG;
+    }
+    if (p.n_sink < 0 || p.n_recent < 0 || p.evict_chunk < 0) {
+        return LLAMA_KV_POLICY_ERR_ARG;
+    }
+
+    llama_kv_cache * kv = llama_kv_score_access::get_kv(*ctx);
+    if (p.kind != LLAMA_KV_POLICY_NONE && kv == nullptr) {
+        return LLAMA_KV_POLICY_ERR_MEMORY;
+    }
+
+    llama_kv_policy_cfg c;
+    c.kind              = p.kind;
+    c.forgetting_factor = p.forgetting_factor;
+    c.value_aware       = p.value_aware;
+    c.n_sink            = p.n_sink;
+    c.n_recent          = p.n_recent;
+    c.evict_chunk       = p.evict_chunk;
+    c.seed              = p.seed;
+
+    auto & cur = llama_kv_score_access::cfg(*ctx);
+    if (cur != c) {
+        cur = c;
+        llama_kv_score_access::invalidate_graphs(*ctx);
+    }
+    llama_kv_score_access::state(*ctx).rng.seed(p.seed);
+
+    return 0;
+}
+
+int32_t llama_kv_policy_get(const struct llama_context * ctx, struct llama_kv_policy_params * out) {
+    if (ctx == nullptr || out == nullptr) {
+        return LLAMA_KV_POLICY_ERR_ARG;
+    }
+    const auto & c = llama_kv_score_access::cfg(const_cast<llama_context &>(*ctx));
+    out->kind              = c.kind;
+    out->forgetting_factor = c.forgetting_factor;
+    out->value_aware       = c.value_aware;
+    out->n_sink            = c.n_sink;
+    out->n_recent          = c.n_recent;
+    out->evict_chunk       = c.evict_chunk;
+    out->seed              = c.seed;
+    return 0;
+}
+
+int32_t llama_kv_policy_n_layers(const struct llama_context * ctx) {
+    if (ctx == nullptr) {
+        return LLAMA_KV_POLICY_ERR_ARG;
+    }
+    const llama_kv_cache * kv = llama_kv_score_access::get_kv(*ctx);
+    return kv ? llama_kv_score_access::n_scored_layers(*kv) : 0;
+}
+
+int32_t llama_kv_policy_n_cells(const struct llama_context * ctx, llama_seq_id seq_id) {
+    if (ctx == nullptr) {
+        return LLAMA_KV_POLICY_ERR_ARG;
+    }
+    const llama_kv_cache * kv = llama_kv_score_access::get_kv(*ctx);
+    if (kv == nullptr) {
+        return LLAMA_KV_POLICY_ERR_MEMORY;
+    }
+    if (!llama_kv_score_access::valid_seq(*kv, seq_id)) {
+        return LLAMA_KV_POLICY_ERR_SEQ;
+    }
+    return llama_kv_score_access::n_cells(*kv, seq_id);
+}
+
+int32_t llama_kv_policy_scores(
+        struct llama_context * ctx,
+        llama_seq_id           seq_id,
+        int32_t                capacity,
+        llama_pos            * pos_out,
+        int32_t              * cell_out,
+        float                * scores_out) {
+    if (ctx == nullptr || capacity < 0) {
+        return LLAMA_KV_POLICY_ERR_ARG;
+    }
+    return llama_kv_score_access::read_scores(*ctx, seq_id, capacity, pos_out, cell_out, scores_out);
+}
+
+int32_t llama_kv_policy_get_stats(const struct llama_context * ctx, struct llama_kv_policy_stats * out) {
+    if (ctx == nullptr || out == nullptr) {
+        return LLAMA_KV_POLICY_ERR_ARG;
+    }
+    auto & lctx = const_cast<llama_context &>(*ctx);
+    const auto & st = llama_kv_score_access::state(lctx);
+    out->n_evictions     = st.n_evictions;
+    out->n_cells_evicted = st.n_cells_evicted;
+    out->t_evict_us      = st.t_evict_us;
+    out->n_cells_used    = 0;
+    if (const llama_kv_cache * kv = llama_kv_score_access::get_kv(lctx)) {
+        out->n_cells_used = llama_kv_score_access::n_cells_used(*kv);
+    }
+    return 0;
+}
+
+void llama_kv_policy_reset_stats(struct llama_context * ctx) {
+    if (ctx == nullptr) {
+        return;
+    }
+    auto & st = llama_kv_score_access::state(*ctx);
+    st.n_evictions     = 0;
+    st.n_cells_evicted = 0;
+    st.t_evict_us      = 0;
+}
+
+int32_t llama_kv_policy_evict(struct llama_context * ctx, llama_seq_id seq_id, int32_t n_free) {
+    if (ctx == nullptr) {
+        return LLAMA_KV_POLICY_ERR_ARG;
+    }
+    return llama_kv_score_access::evict_seq(*ctx, seq_id, n_free);
+}

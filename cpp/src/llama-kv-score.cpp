@@ -1,0 +1,286 @@
+// a2sf: accumulated attention scores, updated by ggml ops inside the compute graph.
+//
+// Per KV layer the cache holds an F32 score per cell and stream, allocated in the
+// same buffer type as that layer's K (so it lives on the GPU in CUDA builds). For
+// a ubatch of n queries the graph computes
+//
+//     S <- m * S + sum_q w_q * sum_heads P[q, head, cell]      (* |V_cell|_1 for VATP)
+//
+// where P is the softmax attention, w_q = alpha^(n-1-q) and m = alpha^n for cells
+// that were there before this ubatch and 0 for the cells it writes (their old
+// score belonged to an evicted token). w and m are host-filled inputs, so alpha
+// never has to be baked into the graph.
+
+#include "llama-kv-score.h"
+
+#include "llama-context.h"
+#include "llama-graph.h"
+#include "llama-impl.h"
+#include "llama-kv-cache.h"
+#include "llama-model.h"
+
+#include "ggml.h"
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+// The host-side inputs of the scoring ops; one per graph, shared by every layer.
+class llm_graph_input_kv_score : public llm_graph_input_i {
+public:
+    llm_graph_input_kv_score(const llama_kv_cache_context * mctx, float alpha) : mctx(mctx), alpha(alpha) {}
+
+    void set_input(const llama_ubatch * ubatch) override {
+        llama_kv_score_access::set_score_inputs(mctx, ubatch, alpha, w, m);
+    }
+
+    bool can_reuse(const llm_graph_params & params) override {
+        mctx = static_cast<const llama_kv_cache_context *>(params.mctx);
+        const int64_t n_stream = w->ne[3];
+        return w->ne[0]*n_stream == (int64_t) params.ubatch.n_tokens &&
+               m->ne[0] == (int64_t) mctx->get_n_kv();
+    }
+
+    ggml_tensor * w = nullptr; // F32 [n_tokens/n_stream, 1, 1, n_stream]: weight of each query
+    ggml_tensor * m = nullptr; // F32 [n_kv, n_stream]: decay of each cell's old score
+
+    const llama_kv_cache_context * mctx;
+    const float alpha;
+};
+
+// In the non-flash-attention path llama.cpp already materialises the softmax
+// probabilities: find them a few nodes below the attention output (the node chain
+// is cont <- permute <- mul_mat(v, kq)) instead of computing them twice.
+ggml_tensor * find_soft_max(ggml_tensor * t, int depth) {
+    if (t == nullptr || depth < 0) {
+        return nullptr;
+    }
+    if (t->op == GGML_OP_SOFT_MAX) {
+        return t;
+    }
+    if (t->op == GGML_OP_FLASH_ATTN_EXT) {
+        return nullptr;
+    }
+    for (int i = 0; i < GGML_MAX_SRC; ++i) {
+        if (ggml_tensor * r = find_soft_max(t->src[i], depth - 1)) {
+            return r;
+        }
+    }
+    return nullptr;
+}
+
+} // namespace
+
+void llama_kv_score_access::set_score_inputs(const llama_kv_cache_context * mctx, const llama_ubatch * ubatch,
+                                             float alpha, ggml_tensor * w, ggml_tensor * m) {
+    GGML_ASSERT(ggml_backend_buffer_is_host(w->buffer));
+    GGML_ASSERT(ggml_backend_buffer_is_host(m->buffer));
+
+    const auto & sinfo = mctx->sinfos[mctx->i_cur];
+    const llama_kv_cache & kv = *mctx->kv;
+
+    const int64_t n_stream = w->ne[3];
+    const int64_t n_tps    = w->ne[0]; // tokens per stream
+    const int64_t n_kv     = m->ne[0];
+
+    GGML_ASSERT(n_stream == (int64_t) sinfo.n_stream());
+
+    float * wd = (float *) w->data;
+    float * md = (float *) m->data;
+
+    // alpha^k for every k a ubatch can need
+    std::vector<float> pw(ubatch->n_tokens + 1);
+    pw[0] = 1.0f;
+    for (size_t k = 1; k < pw.size(); ++k) {
+        pw[k] = pw[k - 1]*alpha;
+    }
+
+    std::vector<llama_seq_id> seqs;     // sequences of the stream's tokens
+    std::vector<int32_t>      seq_n;    // number of tokens of each
+    std::vector<uint8_t>      is_new(n_kv);
+
+    for (int64_t s = 0; s < n_stream; ++s) {
+        const int64_t t0 = s*n_tps;
+
+        seqs.clear();
+        seq_n.clear();
+
+        // w: a query is followed by (count of later queries of its sequence) steps
+        for (int64_t t = n_tps - 1; t >= 0; --t) {
+            const llama_seq_id sid = ubatch->seq_id[t0 + t][0];
+            size_t j = 0;
+            while (j < seqs.size() && seqs[j] != sid) {
+                ++j;
+            }
+            if (j == seqs.size()) {
+                seqs.push_back(sid);
+                seq_n.push_back(0);
+            }
+            wd[t0 + t] = pw[seq_n[j]];
+            seq_n[j]++;
+        }
+
+        // m: cells written by this ubatch start from zero; the others decay by
+        // alpha once per query that can attend to them
+        std::fill(is_new.begin(), is_new.end(), 0);
+        for (uint32_t idx : sinfo.idxs[s]) {
+            if ((int64_t) idx < n_kv) {
+                is_new[idx] = 1;
+            }
+        }
+
+        const auto & cells = kv.v_cells[sinfo.s0 + s];
+        float * ms = md + s*n_kv;
+
+        for (int64_t c = 0; c < n_kv; ++c) {
+            if (is_new[c] || cells.is_empty(c)) {
+                ms[c] = 0.0f;
+                continue;
+            }
+            int32_t n_seen = 0;
+            for (size_t j = 0; j < seqs.size(); ++j) {
+                if (cells.seq_has(c, seqs[j])) {
+                    n_seen += seq_n[j];
+                }
+            }
+            ms[c] = pw[n_seen];
+        }
+    }
+}
+
+void llama_kv_score_access::alloc_layer(llama_kv_cache & kv, ggml_context * ctx, uint32_t il, uint32_t kv_size, uint32_t n_stream) {
+    auto & layer = kv.layers[kv.map_layer_ids.at(il)];
+
+    layer.score = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, kv_size, n_stream);
+    layer.vnorm = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, kv.hparams.n_head_kv(il), kv_size, n_stream);
+
+    ggml_format_name(layer.score, "cache_score_l%d", il);
+    ggml_format_name(layer.vnorm, "cache_vnorm_l%d", il);
+}
+
+uint32_t llama_kv_score_access::graph_nodes_per_layer() {
+    return 32;
+}
+
+void llama_kv_score_access::build_store_vnorm(const llm_graph_context & g, const llama_kv_cache_context * mctx,
+                                              ggml_tensor * v_cur, ggml_tensor * k_idxs, int il) {
+    const auto & cfg = g.cparams.kv_policy;
+    if (!cfg.scored() || !cfg.value_aware || v_cur == nullptr) {
+        return;
+    }
+
+    const llama_kv_cache & kv = *mctx->kv;
+    const auto & layer = kv.layers[kv.map_layer_ids.at(il)];
+    if (layer.vnorm == nullptr) {
+        return;
+    }
+
+    ggml_context * ctx0 = g.ctx0;
+
+    const int64_t n_head_kv = v_cur->ne[1];
+    const int64_t n_tokens  = v_cur->ne[2];
+
+    ggml_tensor * v = ggml_is_contiguous(v_cur) ? v_cur : ggml_cont(ctx0, v_cur);
+    if (v->type != GGML_TYPE_F32) {
+        v = ggml_cast(ctx0, v, GGML_TYPE_F32);
+    }
+
+    // L1 norm of each head's value vector: [1, n_head_kv, n_tokens]
+    ggml_tensor * vn = ggml_sum_rows(ctx0, ggml_abs(ctx0, v));
+    vn = ggml_reshape_2d(ctx0, vn, n_head_kv, n_tokens);
+
+    // one row per cell, addressed like the K rows (k_idxs are global over the streams)
+    ggml_tensor * dst = ggml_reshape_2d(ctx0, layer.vnorm, layer.vnorm->ne[0], layer.vnorm->ne[1]*layer.vnorm->ne[2]);
+
+    ggml_build_forward_expand(g.gf, ggml_set_rows(ctx0, dst, vn, k_idxs));
+}
+
+void llama_kv_score_access::build_update(const llm_graph_context & g, const llm_graph_input_attn_kv * inp,
+                                         ggml_tensor * q_cur, ggml_tensor * k, ggml_tensor * kq_mask,
+                                         float kq_scale, ggml_tensor * attn_out, int il) {
+    const auto & cfg = g.cparams.kv_policy;
+    if (!cfg.scored()) {
+        return;
+    }
+
+    const llama_kv_cache_context * mctx = inp->mctx;
+    const llama_kv_cache & kv = *mctx->kv;
+    const auto & layer = kv.layers[kv.map_layer_ids.at(il)];
+    if (layer.score == nullptr) {
+        return;
+    }
+
+    ggml_context * ctx0 = g.ctx0;
+
+    // the probabilities [n_kv, n_tokens/n_stream, n_head, n_stream]
+    ggml_tensor * probs = find_soft_max(attn_out, 5);
+    if (probs == nullptr) {
+        // flash attention never materialises them: compute them the way build_attn_mha
+        // would without flash attention (same views, same mask)
+        const int64_t n_stream = k->ne[3];
+        ggml_tensor * q = ggml_view_4d(ctx0, q_cur, q_cur->ne[0], q_cur->ne[1], q_cur->ne[2]/n_stream, n_stream,
+                                       q_cur->nb[1], q_cur->nb[2], q_cur->nb[2]*(q_cur->ne[2]/n_stream), 0);
+        q = ggml_permute(ctx0, q, 0, 2, 1, 3);
+        ggml_tensor * kp = ggml_permute(ctx0, k, 0, 2, 1, 3);
+
+        ggml_tensor * kq = ggml_mul_mat(ctx0, kp, q);
+        ggml_prec_set_acc(kq, GGML_PREC_F32);
+
+        probs = ggml_soft_max_ext(ctx0, kq, kq_mask, kq_scale, g.hparams.f_max_alibi_bias);
+    }
+
+    const int64_t n_kv      = probs->ne[0];
+    const int64_t n_tps     = probs->ne[1];
+    const int64_t n_head    = probs->ne[2];
+    const int64_t n_stream  = probs->ne[3];
+    const int64_t n_head_kv = g.hparams.n_head_kv(il);
+    const int64_t n_group   = n_head/n_head_kv;
+
+    const uint32_t s0 = mctx->sinfos[mctx->i_cur].s0;
+
+    // the inputs are shared by all layers of the graph
+    llm_graph_input_kv_score * inp_score = nullptr;
+    for (auto & in : g.res->inputs) {
+        if (auto * p = dynamic_cast<llm_graph_input_kv_score *>(in.get())) {
+            inp_score = p;
+            break;
+        }
+    }
+    if (inp_score == nullptr) {
+        auto in = std::make_unique<llm_graph_input_kv_score>(mctx, cfg.forgetting_factor);
+        in->w = ggml_new_tensor_4d(ctx0, GGML_TYPE_F32, n_tps, 1, 1, n_stream);
+        in->m = ggml_new_tensor_2d(ctx0, GGML_TYPE_F32, n_kv, n_stream);
+        ggml_set_input(in->w);
+        ggml_set_input(in->m);
+        ggml_set_name(in->w, "a2sf_inp_query_weight");
+        ggml_set_name(in->m, "a2sf_inp_cell_decay");
+        inp_score = static_cast<llm_graph_input_kv_score *>(g.res->add_input(std::move(in)));
+    }
+
+    if (cfg.value_aware) {
+        // VATP: attention times the L1 norm of the cell's value vector of the head's KV group.
+        // head h reads KV head h/n_group, so [n_tps, n_head] regroups as [n_tps*n_group, n_head_kv]
+        ggml_tensor * vn = ggml_view_3d(ctx0, layer.vnorm, n_head_kv, n_kv, n_stream,
+                                        layer.vnorm->nb[1], layer.vnorm->nb[2], layer.vnorm->nb[2]*s0);
+        vn = ggml_cont(ctx0, ggml_transpose(ctx0, vn));            // [n_kv, n_head_kv, n_stream]
+        vn = ggml_reshape_4d(ctx0, vn, n_kv, 1, n_head_kv, n_stream);
+
+        ggml_tensor * p4 = ggml_reshape_4d(ctx0, probs, n_kv, n_tps*n_group, n_head_kv, n_stream);
+        probs = ggml_mul(ctx0, p4, vn);
+    }
+
+    // sum over queries (weighted) and heads in one pass: out_prod contracts dim 1
+    ggml_tensor * p2 = ggml_reshape_4d(ctx0, probs, n_kv, n_tps*n_head, 1, n_stream);
+    ggml_tensor * wq = ggml_repeat_4d(ctx0, inp_score->w, n_tps, n_head, 1, n_stream);
+    wq = ggml_reshape_4d(ctx0, wq, 1, n_tps*n_head, 1, n_stream);
+
+    ggml_tensor * contrib = ggml_out_prod(ctx0, p2, wq);               // [n_kv, 1, 1, n_stream]
+    contrib = ggml_reshape_2d(ctx0, contrib, n_kv, n_stream);
+
+    ggml_tensor * s_old = ggml_view_2d(ctx0, layer.score, n_kv, n_stream, layer.score->nb[1], layer.score->nb[1]*s0);
+    ggml_tensor * s_new = ggml_add(ctx0, ggml_mul(ctx0, s_old, inp_score->m), contrib);
+
+    ggml_set_name(s_new, "a2sf_score");
+    ggml_build_forward_expand(g.gf, ggml_cpy(ctx0, s_new, s_old));
+}

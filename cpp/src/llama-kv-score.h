@@ -1,0 +1,77 @@
+// a2sf: per-cell attention scores beside K/V, and eviction when the cache is full.
+//
+// llama.cpp's own files only call the hooks declared here (see cpp/patches/);
+// all of the logic lives in llama-kv-score.cpp (graph), llama-kv-evict.cpp
+// (eviction) and llama-kv-policy.cpp (the C API).
+#pragma once
+
+#include "llama-kv-policy-cfg.h"
+
+#include <cstdint>
+#include <random>
+
+struct ggml_context;
+struct ggml_tensor;
+struct llama_context;
+struct llm_graph_context;
+struct llm_graph_params;
+class  llm_graph_input_attn_kv;
+class  llama_kv_cache;
+class  llama_kv_cache_context;
+class  llama_batch_allocr;
+
+// Runtime state of the engine for one llama_context (counters and the RNG of
+// the random policy). Owned by the context; the configuration is in cparams.
+struct llama_kv_score_state {
+    int64_t n_evictions     = 0;
+    int64_t n_cells_evicted = 0;
+    int64_t t_evict_us      = 0;
+
+    std::mt19937 rng{0};
+};
+
+// The one friend of llama_context, llama_kv_cache and llama_kv_cache_context:
+// the hooks reach llama.cpp's private state through it, so the patches stay
+// one-liners and llama.cpp's classes keep their shape.
+struct llama_kv_score_access {
+    // llama_kv_cache constructor: allocate the score (and value-norm) tensors of the
+    // layer just created, in the same context (buffer type) as its K and V
+    static void alloc_layer(llama_kv_cache & kv, ggml_context * ctx, uint32_t il, uint32_t kv_size, uint32_t n_stream);
+
+    // llm_graph_context::build_attn (KV cache variant), right after V is stored:
+    // store the L1 norms of the new V rows per KV head (value-aware scoring only)
+    static void build_store_vnorm(const llm_graph_context & g, const llama_kv_cache_context * mctx,
+                                  ggml_tensor * v_cur, ggml_tensor * k_idxs, int il);
+
+    // llm_graph_context::build_attn (KV cache variant), after attention:
+    // S <- alpha^n * S + sum_q alpha^(n-1-q) * sum_heads P[q, head, cell]
+    static void build_update(const llm_graph_context & g, const llm_graph_input_attn_kv * inp,
+                             ggml_tensor * q_cur, ggml_tensor * k, ggml_tensor * kq_mask,
+                             float kq_scale, ggml_tensor * attn_out, int il);
+
+    // llama_context::decode, when a batch found no slot: evict by the policy so that
+    // the batch fits. Returns the number of cells freed, 0 if there is nothing to do
+    // (no policy), or -1 if the batch cannot fit even after eviction (cache untouched).
+    static int32_t evict_for_batch(llama_context & lctx, const llama_batch_allocr & balloc);
+
+    // fill the host inputs of the scoring ops for the current ubatch:
+    // w [n_tokens/n_stream, 1, 1, n_stream] query weights, m [n_kv, n_stream] cell decays
+    static void set_score_inputs(const llama_kv_cache_context * mctx, const struct llama_ubatch * ubatch,
+                                 float alpha, ggml_tensor * w, ggml_tensor * m);
+
+    // extra graph nodes per model layer that the scoring ops need
+    static uint32_t graph_nodes_per_layer();
+
+    // helpers of the C API (llama-kv-policy.cpp)
+    static llama_kv_cache        * get_kv(const llama_context & lctx);
+    static llama_kv_policy_cfg   & cfg(llama_context & lctx);
+    static llama_kv_score_state  & state(llama_context & lctx);
+    static void                    invalidate_graphs(llama_context & lctx);
+    static int32_t                 n_scored_layers(const llama_kv_cache & kv);
+    static int32_t                 n_cells(const llama_kv_cache & kv, int32_t seq_id);
+    static int64_t                 n_cells_used(const llama_kv_cache & kv);
+    static int32_t                 read_scores(llama_context & lctx, int32_t seq_id, int32_t capacity,
+                                               int32_t * pos_out, int32_t * cell_out, float * scores_out);
+    static int32_t                 evict_seq(llama_context & lctx, int32_t seq_id, int32_t n_free);
+    static bool                    valid_seq(const llama_kv_cache & kv, int32_t seq_id);
+};
