@@ -58,21 +58,26 @@ bool llama_kv_score_access::valid_seq(const llama_kv_cache & kv, int32_t seq_id)
            (uint32_t) seq_id < std::max<uint32_t>(kv.n_seq_max, 1);
 }
 
-static uint32_t stream_of(const llama_kv_cache & kv, int32_t seq_id, const std::vector<uint32_t> & seq_to_stream) {
-    GGML_UNUSED(kv);
+static uint32_t stream_of(const std::vector<uint32_t> & seq_to_stream, int32_t seq_id) {
     return seq_to_stream.empty() ? 0 : seq_to_stream[seq_id];
 }
 
-int32_t llama_kv_score_access::n_scored_layers(const llama_kv_cache & kv) {
-    int32_t n = 0;
+std::vector<ggml_tensor *> llama_kv_score_access::scored_layers(const llama_kv_cache & kv) {
+    std::vector<ggml_tensor *> res;
     for (const auto & layer : kv.layers) {
-        n += layer.score != nullptr;
+        if (layer.score) {
+            res.push_back(layer.score);
+        }
     }
-    return n;
+    return res;
+}
+
+int32_t llama_kv_score_access::n_scored_layers(const llama_kv_cache & kv) {
+    return (int32_t) scored_layers(kv).size();
 }
 
 int32_t llama_kv_score_access::n_cells(const llama_kv_cache & kv, int32_t seq_id) {
-    const auto & cells = kv.v_cells[stream_of(kv, seq_id, kv.seq_to_stream)];
+    const auto & cells = kv.v_cells[stream_of(kv.seq_to_stream, seq_id)];
     int32_t n = 0;
     for (uint32_t c = 0; c < cells.size(); ++c) {
         n += !cells.is_empty(c) && cells.seq_has(c, seq_id);
@@ -120,7 +125,7 @@ int32_t llama_kv_score_access::read_scores(llama_context & lctx, int32_t seq_id,
 
     lctx.synchronize();
 
-    const uint32_t strm = stream_of(*kv, seq_id, kv->seq_to_stream);
+    const uint32_t strm = stream_of(kv->seq_to_stream, seq_id);
     const auto sc = seq_cells(kv->v_cells[strm], seq_id);
     const int32_t n = (int32_t) sc.size();
     if (n > capacity) {
@@ -133,16 +138,12 @@ int32_t llama_kv_score_access::read_scores(llama_context & lctx, int32_t seq_id,
     }
 
     if (scores_out) {
-        int32_t il = 0;
-        for (const auto & layer : kv->layers) {
-            if (layer.score == nullptr) {
-                continue;
-            }
-            const auto s = read_layer_scores(layer.score, strm);
+        const auto layers = scored_layers(*kv);
+        for (size_t il = 0; il < layers.size(); ++il) {
+            const auto s = read_layer_scores(layers[il], strm);
             for (int32_t i = 0; i < n; ++i) {
-                scores_out[(size_t) il*n + i] = s[sc[i].cell];
+                scores_out[il*n + i] = s[sc[i].cell];
             }
-            ++il;
         }
     }
 
@@ -233,16 +234,11 @@ int32_t llama_kv_score_access::evict_seq(llama_context & lctx, int32_t seq_id, i
 
     const int64_t t0 = ggml_time_us();
 
-    std::vector<ggml_tensor *> scores;
-    for (const auto & layer : kv->layers) {
-        if (layer.score) {
-            scores.push_back(layer.score);
-        }
-    }
+    const std::vector<ggml_tensor *> scores = scored_layers(*kv);
 
     auto & st = lctx.kv_score;
     const int32_t n = evict_seq_impl(kv->v_cells, kv->v_heads, scores, c, st,
-                                     stream_of(*kv, seq_id, kv->seq_to_stream), seq_id, n_free);
+                                     stream_of(kv->seq_to_stream, seq_id), seq_id, n_free);
     if (n > 0) {
         st.n_evictions++;
         st.n_cells_evicted += n;
@@ -285,7 +281,7 @@ int32_t llama_kv_score_access::evict_for_batch(llama_context & lctx, const llama
     std::vector<int64_t> avail(n_stream, 0);
 
     for (const auto & [sid, n] : n_add) {
-        const uint32_t strm = stream_of(*kv, sid, kv->seq_to_stream);
+        const uint32_t strm = stream_of(kv->seq_to_stream, sid);
         deficit[strm]  += n + c.evict_chunk;
         short_by[strm] += n;
         avail[strm]    += std::max(0, n_cells(*kv, sid) - c.n_sink - c.n_recent);
@@ -304,19 +300,14 @@ int32_t llama_kv_score_access::evict_for_batch(llama_context & lctx, const llama
 
     lctx.synchronize();
 
-    std::vector<ggml_tensor *> scores;
-    for (const auto & layer : kv->layers) {
-        if (layer.score) {
-            scores.push_back(layer.score);
-        }
-    }
+    const std::vector<ggml_tensor *> scores = scored_layers(*kv);
 
     auto & st = lctx.kv_score;
     int32_t n_freed = 0;
 
     // each sequence gives up at most what it adds plus the chunk, until its stream fits
     for (const auto & [sid, n] : n_add) {
-        const uint32_t strm = stream_of(*kv, sid, kv->seq_to_stream);
+        const uint32_t strm = stream_of(kv->seq_to_stream, sid);
         const int64_t want = std::min<int64_t>(deficit[strm], n + c.evict_chunk);
         if (want <= 0) {
             continue;

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <random>
+#include <vector>
 
 struct ggml_context;
 struct ggml_tensor;
@@ -67,6 +68,7 @@ struct llama_kv_score_access {
     static llama_kv_policy_cfg   & cfg(llama_context & lctx);
     static llama_kv_score_state  & state(llama_context & lctx);
     static void                    invalidate_graphs(llama_context & lctx);
+    static std::vector<ggml_tensor *> scored_layers(const llama_kv_cache & kv);
     static int32_t                 n_scored_layers(const llama_kv_cache & kv);
     static int32_t                 n_cells(const llama_kv_cache & kv, int32_t seq_id);
     static int64_t                 n_cells_used(const llama_kv_cache & kv);

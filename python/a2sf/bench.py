@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -37,10 +38,18 @@ def _text_tokens(llm, n: int) -> list[int]:
     return toks[:n]
 
 
+def _greedy(llm) -> int:
+    import llama_cpp
+
+    logits = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+    return int(np.argmax(np.ctypeslib.as_array(logits, shape=(llm.n_vocab(),))))
+
+
 def measure(model: str, n_ctx: int, policy, n_decode: int, flash_attn: bool, n_threads: int) -> tuple[float, float]:
     from a2sf import Llama
 
-    llm = Llama(model, n_ctx=n_ctx, n_batch=256, n_ubatch=256, kv_policy=policy, flash_attn=flash_attn,
+    n_batch = min(256, n_ctx // 4)  # the same for every policy, and one that fits beside the protected cells
+    llm = Llama(model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, kv_policy=policy, flash_attn=flash_attn,
                 n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
     try:
         depth = n_ctx - n_decode - 8
@@ -48,11 +57,11 @@ def measure(model: str, n_ctx: int, policy, n_decode: int, flash_attn: bool, n_t
         t0 = time.perf_counter()
         llm.eval(toks)
         t_prefill = time.perf_counter() - t0
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = _greedy(llm)
         t0 = time.perf_counter()
         for _ in range(n_decode):
             llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tok = _greedy(llm)
         t_decode = time.perf_counter() - t0
         if policy is not None:
             assert llm.kv_stats()["evictions"] == 0, "the benchmark must not evict"
@@ -83,6 +92,8 @@ def main(argv=None) -> int:
             for pol in POLICIES:
                 pre, dec = measure(model, size, pol, a.decode, a.flash_attn, a.threads)
                 res.setdefault((size, pol), []).append((pre, dec))
+                print(f"  {size:5d} {pol or 'vanilla':9s} prefill {pre:7.0f} t/s  decode {dec:6.1f} t/s",
+                      file=sys.stderr, flush=True)
 
     print(f"model {Path(model).name}, flash_attn={a.flash_attn}, threads={a.threads}, "
           f"medians of {a.reps} interleaved runs, decode of {a.decode} tokens at depth size-{a.decode + 8}")
