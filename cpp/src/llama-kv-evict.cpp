@@ -214,6 +214,15 @@ static int32_t evict_seq_impl(llama_kv_cells_vec & v_cells, std::vector<uint32_t
     return n_free;
 }
 
+// one eviction event: its cells and the time since t0_us
+static void record_eviction(llama_kv_score_state & st, int32_t n_freed, int64_t t0_us) {
+    if (n_freed > 0) {
+        st.n_evictions++;
+        st.n_cells_evicted += n_freed;
+    }
+    st.t_evict_us += ggml_time_us() - t0_us;
+}
+
 int32_t llama_kv_score_access::evict_seq(llama_context & lctx, int32_t seq_id, int32_t n_free) {
     llama_kv_cache * kv = get_kv(lctx);
     if (kv == nullptr) {
@@ -239,11 +248,7 @@ int32_t llama_kv_score_access::evict_seq(llama_context & lctx, int32_t seq_id, i
     auto & st = lctx.kv_score;
     const int32_t n = evict_seq_impl(kv->v_cells, kv->v_heads, scores, c, st,
                                      stream_of(kv->seq_to_stream, seq_id), seq_id, n_free);
-    if (n > 0) {
-        st.n_evictions++;
-        st.n_cells_evicted += n;
-    }
-    st.t_evict_us += ggml_time_us() - t0;
+    record_eviction(st, n, t0);
 
     return n;
 }
@@ -317,11 +322,7 @@ int32_t llama_kv_score_access::evict_for_batch(llama_context & lctx, const llama
         n_freed += got;
     }
 
-    if (n_freed > 0) {
-        st.n_evictions++;
-        st.n_cells_evicted += n_freed;
-    }
-    st.t_evict_us += ggml_time_us() - t0;
+    record_eviction(st, n_freed, t0);
 
     return n_freed;
 }
