@@ -217,14 +217,27 @@ void llama_kv_score_access::build_update(const llm_graph_context & g, const llm_
     ggml_tensor * probs = find_soft_max(attn_out, 5);
     if (probs == nullptr) {
         // flash attention never materialises them: compute them the way build_attn_mha
-        // would without flash attention (same views, same mask)
-        const int64_t n_stream = k->ne[3];
-        ggml_tensor * q = ggml_view_4d(ctx0, q_cur, q_cur->ne[0], q_cur->ne[1], q_cur->ne[2]/n_stream, n_stream,
-                                       q_cur->nb[1], q_cur->nb[2], q_cur->nb[2]*(q_cur->ne[2]/n_stream), 0);
-        q = ggml_permute(ctx0, q, 0, 2, 1, 3);
-        ggml_tensor * kp = ggml_permute(ctx0, k, 0, 2, 1, 3);
+        // would without flash attention (same mask, same scale)
+        const int64_t n_stream     = k->ne[3];
+        const int64_t n_kv_head    = k->ne[1];   // k: [head_dim, n_head_kv, n_kv, n_stream]
+        const int64_t n_q_head     = q_cur->ne[1];
+        const int64_t n_tps_q      = q_cur->ne[2]/n_stream;
+        ggml_tensor * kp = ggml_permute(ctx0, k, 0, 2, 1, 3); // [head_dim, n_kv, n_head_kv, n_stream]
 
-        ggml_tensor * kq = ggml_mul_mat(ctx0, kp, q);
+        ggml_tensor * kq = nullptr;
+        if (n_tps_q == 1 && n_q_head % n_kv_head == 0 && ggml_is_contiguous(q_cur)) {
+            // decode: the query heads that share a KV head become the columns of one
+            // product, so K is read once per KV head rather than once per query head
+            // (this extra pass over K is the whole cost of scoring with flash attention)
+            ggml_tensor * q = ggml_reshape_4d(ctx0, q_cur, q_cur->ne[0], n_q_head/n_kv_head, n_kv_head, n_stream);
+            kq = ggml_mul_mat(ctx0, kp, q);                                      // [n_kv, n_group, n_head_kv, n_stream]
+            kq = ggml_reshape_4d(ctx0, kq, kq->ne[0], 1, n_q_head, n_stream);    // head h = g + n_group*h_kv
+        } else {
+            ggml_tensor * q = ggml_view_4d(ctx0, q_cur, q_cur->ne[0], n_q_head, n_tps_q, n_stream,
+                                           q_cur->nb[1], q_cur->nb[2], q_cur->nb[2]*n_tps_q, 0);
+            q = ggml_permute(ctx0, q, 0, 2, 1, 3);
+            kq = ggml_mul_mat(ctx0, kp, q);
+        }
         ggml_prec_set_acc(kq, GGML_PREC_F32);
 
         probs = ggml_soft_max_ext(ctx0, kq, kq_mask, kq_scale, g.hparams.f_max_alibi_bias);

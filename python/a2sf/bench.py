@@ -1,11 +1,23 @@
-"""Decode/prefill speed of each policy against vanilla llama.cpp, measured side by side.
+"""Speed of the eviction engine against vanilla llama.cpp, measured side by side in one run.
 
-    python -m a2sf.bench [--sizes 256 1024 4096] [--reps 3] [--decode 64] [--flash-attn]
+    python -m a2sf.bench                                   # every section, SmolLM2
+    python -m a2sf.bench --sections overhead --flash-attn off on --sizes 256 1024 --reps 3
+    python -m a2sf.bench --sections long --long-tokens 8192 --long-cells 1024
 
-For every cache size the cache is filled to (size - decode - 8) cells from a text,
-then `decode` tokens are generated one by one without eviction, so the figure is
-the cost of score tracking alone. Repetitions interleave the configurations, and
-the table shows medians and the ratio to vanilla measured in the same run.
+Sections (Markdown on stdout, progress on stderr):
+
+overhead
+    For every cache size the cache is filled to (size - decode - 8) cells from a
+    text, then ``decode`` tokens are generated one by one without eviction, so the
+    figures are the cost of score tracking alone. Repetitions interleave the
+    configurations; the table shows medians and the ratio to vanilla of the same
+    run, for flash attention off and/or on.
+long
+    Generates ``long-tokens`` tokens (prompt included) greedily: vanilla with a
+    cache holding all of them against bounded caches of ``long-cells`` cells
+    (eviction on). Total tokens/s, tokens/s over the last 1024 tokens, per-1024
+    segment speeds (flatness), KV-cache bytes, and the eviction events: count,
+    median and max time per event, share of the run's time.
 """
 from __future__ import annotations
 
@@ -13,14 +25,17 @@ import argparse
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import List, Optional
 
 import numpy as np
 
 POLICIES = [None, "streaming", "h2o", "a2sf", "vatp"]
+LONG_POLICIES = ["streaming", "a2sf"]
 
 
-def _text_tokens(llm, n: int) -> list[int]:
+def _text_tokens(llm, n: int) -> List[int]:
     here = Path(__file__).resolve()
     candidates = [p / "shared" / "data" / "austen" for p in here.parents] + [
         p.parent / "shared" / "data" / "austen" for p in here.parents
@@ -45,67 +60,224 @@ def _greedy(llm) -> int:
     return int(np.argmax(np.ctypeslib.as_array(logits, shape=(llm.n_vocab(),))))
 
 
-def measure(model: str, n_ctx: int, policy, n_decode: int, flash_attn: bool, n_threads: int) -> tuple[float, float]:
+def _open(model: str, n_ctx: int, policy, flash_attn: bool, n_threads: int, n_batch: int):
     from a2sf import Llama
 
-    n_batch = min(256, n_ctx // 4)  # the same for every policy, and one that fits beside the protected cells
-    llm = Llama(model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, kv_policy=policy, flash_attn=flash_attn,
-                n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
+    return Llama(model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, kv_policy=policy, flash_attn=flash_attn,
+                 n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
+
+
+def kv_cache_bytes(llm, n_cells: int, scored: bool, value_aware: bool) -> int:
+    """Bytes of the KV cache (F16 K and V) plus the engine's F32 score / value-norm rows."""
+    md = llm.metadata
+    arch = md.get("general.architecture", "llama")
+    n_layer = int(md[f"{arch}.block_count"])
+    n_head = int(md[f"{arch}.attention.head_count"])
+    n_head_kv = int(md.get(f"{arch}.attention.head_count_kv", n_head))
+    n_embd = int(md[f"{arch}.embedding_length"])
+    k_dim = int(md.get(f"{arch}.attention.key_length", n_embd // n_head))
+    v_dim = int(md.get(f"{arch}.attention.value_length", n_embd // n_head))
+    per_cell = n_layer * n_head_kv * (k_dim + v_dim) * 2  # F16 K + V
+    if scored:
+        per_cell += n_layer * 4  # one F32 score per layer
+        per_cell += n_layer * n_head_kv * 4  # value norms (allocated for every scored cache)
+    return n_cells * per_cell
+
+
+# -- overhead ------------------------------------------------------------------
+def measure(model: str, n_ctx: int, policy, n_decode: int, flash_attn: bool, n_threads: int,
+            clock=time.perf_counter) -> tuple:
+    """(prefill tokens/s, decode tokens/s) at depth n_ctx - n_decode - 8, no eviction."""
+    llm = _open(model, n_ctx, policy, flash_attn, n_threads, n_batch=min(256, n_ctx // 4))
     try:
         depth = n_ctx - n_decode - 8
         toks = _text_tokens(llm, depth)
-        t0 = time.perf_counter()
+        t0 = clock()
         llm.eval(toks)
-        t_prefill = time.perf_counter() - t0
+        t_prefill = clock() - t0
         tok = _greedy(llm)
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(n_decode):
             llm.eval([tok])
             tok = _greedy(llm)
-        t_decode = time.perf_counter() - t0
+        t_decode = clock() - t0
         if policy is not None:
-            assert llm.kv_stats()["evictions"] == 0, "the benchmark must not evict"
+            assert llm.kv_stats()["evictions"] == 0, "the overhead benchmark must not evict"
         return depth / t_prefill, n_decode / t_decode
     finally:
         llm.close()
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def section_overhead(model: str, sizes, fa_modes, reps: int, n_decode: int, n_threads: int,
+                     cpu_clock: bool = False) -> List[str]:
+    # With one thread ggml computes on the calling thread, so its CPU time is the
+    # work done, much less disturbed by other processes than wall time.
+    clock = time.thread_time if cpu_clock else time.perf_counter
+    res: dict = {}
+    for size in sizes:
+        for _ in range(reps):
+            for fa in fa_modes:
+                for pol in POLICIES:
+                    pre, dec = measure(model, size, pol, n_decode, fa, n_threads, clock)
+                    res.setdefault((size, fa, pol), []).append((pre, dec))
+                    print(f"  overhead {size:5d} fa={int(fa)} {pol or 'vanilla':9s} prefill {pre:7.0f} t/s"
+                          f"  decode {dec:6.1f} t/s", file=sys.stderr, flush=True)
+    out = [
+        "### Score-tracking overhead",
+        "",
+        f"_model {Path(model).name}, threads={n_threads}, {'CPU time of the computing thread' if cpu_clock else 'wall time'}, "
+        f"medians of {reps} interleaved runs; prefill of "
+        f"size-{n_decode + 8} tokens, then decode of {n_decode} tokens without eviction_",
+        "",
+        "| cells | flash attn | policy | prefill t/s | ratio | decode t/s | ratio |",
+        "|---:|---|---|---:|---:|---:|---:|",
+    ]
+    for size in sizes:
+        for fa in fa_modes:
+            base_p = statistics.median(r[0] for r in res[(size, fa, None)])
+            base_d = statistics.median(r[1] for r in res[(size, fa, None)])
+            for pol in POLICIES:
+                p = statistics.median(r[0] for r in res[(size, fa, pol)])
+                d = statistics.median(r[1] for r in res[(size, fa, pol)])
+                out.append(f"| {size} | {'on' if fa else 'off'} | {pol or 'vanilla'} | {p:.0f} | {p / base_p:.2f} "
+                           f"| {d:.1f} | {d / base_d:.2f} |")
+    return out
+
+
+# -- long generation -------------------------------------------------------------
+@dataclass
+class LongRun:
+    label: str
+    n_cells: int
+    kv_bytes: int
+    seconds: float = 0.0
+    segments: List[float] = field(default_factory=list)  # tokens/s of each 1024-token segment
+    event_seconds: List[float] = field(default_factory=list)  # one entry per eviction event
+    cells_evicted: int = 0
+    cells_used: int = 0
+    n_fed: int = 0
+
+
+LONG_PROMPT = "Write a very long story about a lighthouse keeper and the sea, chapter after chapter.\n\n"
+
+
+def long_generation(model: str, n_tokens: int, n_cells: int, policy, flash_attn: bool, n_threads: int,
+                    segment: int = 1024) -> LongRun:
+    """Feed a prompt and generate greedily until n_tokens tokens went through the cache."""
+    n_batch = 64
+    llm = _open(model, n_cells, policy, flash_attn, n_threads, n_batch=n_batch)
+    try:
+        scored = policy not in (None, "streaming")
+        run = LongRun(label=policy or "vanilla", n_cells=n_cells,
+                      kv_bytes=kv_cache_bytes(llm, n_cells, scored, policy == "vatp"))
+        prompt = llm.tokenize(LONG_PROMPT.encode(), add_bos=True)
+        t_start = time.perf_counter()
+        t_seg = t_start
+        llm.eval(prompt)
+        fed = len(prompt)
+        seg_start = 0
+        prev_events, prev_evict_s = 0, 0.0
+        tok = _greedy(llm)
+        while fed < n_tokens:
+            llm.eval([tok])
+            fed += 1
+            tok = _greedy(llm)
+            if policy is not None:
+                st = llm.kv_stats()
+                if st["evictions"] > prev_events:
+                    # one eviction event per decode call of one token
+                    run.event_seconds.append(st["evict_seconds"] - prev_evict_s)
+                    prev_events, prev_evict_s = st["evictions"], st["evict_seconds"]
+            if fed - seg_start >= segment or fed == n_tokens:
+                now = time.perf_counter()
+                run.segments.append((fed - seg_start) / (now - t_seg))
+                t_seg, seg_start = now, fed
+        run.seconds = time.perf_counter() - t_start
+        run.n_fed = fed
+        if policy is not None:
+            st = llm.kv_stats()
+            run.cells_evicted, run.cells_used = st["cells_evicted"], st["cells_used"]
+        else:
+            run.cells_used = fed
+        return run
+    finally:
+        llm.close()
+
+
+def section_long(model: str, n_tokens: int, n_cells: int, policies, flash_attn: bool, n_threads: int) -> List[str]:
+    runs = [long_generation(model, n_tokens, n_tokens, None, flash_attn, n_threads)]
+    print(f"  long vanilla {n_tokens} cells: {n_tokens / runs[0].seconds:.1f} t/s", file=sys.stderr, flush=True)
+    for pol in policies:
+        runs.append(long_generation(model, n_tokens, n_cells, pol, flash_attn, n_threads))
+        print(f"  long {pol} {n_cells} cells: {n_tokens / runs[-1].seconds:.1f} t/s", file=sys.stderr, flush=True)
+    base = runs[0]
+    base_tps = base.n_fed / base.seconds
+    out = [
+        f"### Generating {n_tokens} tokens: vanilla full cache vs a bounded cache",
+        "",
+        f"_model {Path(model).name}, threads={n_threads}, flash_attn={flash_attn}, greedy, one token per decode "
+        f"call after a {len(LONG_PROMPT)}-character prompt; KV bytes = F16 K+V (+ F32 scores and value norms "
+        f"when scored)_",
+        "",
+        "| policy | cells | KV MiB | memory ratio | tokens/s | ratio | last 1024 t/s | ratio "
+        "| last/first segment | evictions | cells evicted + used = fed | median / max ms per eviction "
+        "| eviction share |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|",
+    ]
+    for r in runs:
+        tps = r.n_fed / r.seconds
+        ev = r.event_seconds
+        ev_ms = f"{1e3 * statistics.median(ev):.2f} / {1e3 * max(ev):.2f}" if ev else "-"
+        share = f"{100 * sum(ev) / r.seconds:.2f}%" if ev else "-"
+        acct = (f"{r.cells_evicted} + {r.cells_used} = {r.cells_evicted + r.cells_used} ({r.n_fed})"
+                if r.label != "vanilla" else "-")
+        out.append(
+            f"| {r.label} | {r.n_cells} | {r.kv_bytes / 2**20:.1f} | {base.kv_bytes / r.kv_bytes:.1f}x | {tps:.1f} "
+            f"| {tps / base_tps:.2f} | {r.segments[-1]:.1f} | {r.segments[-1] / base.segments[-1]:.2f} "
+            f"| {r.segments[-1] / r.segments[0]:.2f} | {len(ev)} | {acct} | {ev_ms} | {share} |"
+        )
+    out += ["", "Tokens/s per 1024-token segment:", "",
+            "| policy | " + " | ".join(str(i + 1) for i in range(len(base.segments))) + " |",
+            "|---|" + "---:|" * len(base.segments)]
+    for r in runs:
+        out.append(f"| {r.label} | " + " | ".join(f"{s:.0f}" for s in r.segments) + " |")
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m a2sf.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="GGUF path (default: SmolLM2-135M-Instruct Q4_1)")
-    ap.add_argument("--sizes", type=int, nargs="+", default=[256, 1024, 4096])
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--decode", type=int, default=64)
-    ap.add_argument("--flash-attn", action="store_true")
+    ap.add_argument("--sections", nargs="+", choices=["overhead", "long"], default=["overhead", "long"])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[256, 1024, 4096], help="overhead: cache sizes")
+    ap.add_argument("--flash-attn", nargs="+", choices=["off", "on"], default=["off", "on"],
+                    help="overhead: flash attention settings to measure (long uses the first)")
+    ap.add_argument("--reps", type=int, default=3, help="overhead: interleaved repetitions")
+    ap.add_argument("--decode", type=int, default=64, help="overhead: decoded tokens per measurement")
+    ap.add_argument("--long-tokens", type=int, default=8192, help="long: tokens through the cache")
+    ap.add_argument("--long-cells", type=int, default=1024, help="long: cells of the bounded caches")
+    ap.add_argument("--long-policies", nargs="+", default=LONG_POLICIES, help="long: bounded-cache policies")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cpu-clock", action="store_true",
+                    help="overhead: measure the CPU time of one computing thread (forces --threads 1) instead "
+                         "of wall time; steadier on a loaded machine")
     a = ap.parse_args(argv)
+    if a.cpu_clock:
+        a.threads = 1
 
     model = a.model
     if model is None:
         from a2sf.models import smollm2_path
 
         model = str(smollm2_path())
+    fa_modes = [m == "on" for m in a.flash_attn]
 
-    res: dict = {}
-    for size in a.sizes:
-        for _ in range(a.reps):
-            for pol in POLICIES:
-                pre, dec = measure(model, size, pol, a.decode, a.flash_attn, a.threads)
-                res.setdefault((size, pol), []).append((pre, dec))
-                print(f"  {size:5d} {pol or 'vanilla':9s} prefill {pre:7.0f} t/s  decode {dec:6.1f} t/s",
-                      file=sys.stderr, flush=True)
-
-    print(f"model {Path(model).name}, flash_attn={a.flash_attn}, threads={a.threads}, "
-          f"medians of {a.reps} interleaved runs, decode of {a.decode} tokens at depth size-{a.decode + 8}")
-    print("| cells | policy | prefill t/s | ratio | decode t/s | ratio |")
-    print("|---:|---|---:|---:|---:|---:|")
-    for size in a.sizes:
-        base_p = statistics.median(r[0] for r in res[(size, None)])
-        base_d = statistics.median(r[1] for r in res[(size, None)])
-        for pol in POLICIES:
-            p = statistics.median(r[0] for r in res[(size, pol)])
-            d = statistics.median(r[1] for r in res[(size, pol)])
-            print(f"| {size} | {pol or 'vanilla'} | {p:.0f} | {p / base_p:.2f} | {d:.1f} | {d / base_d:.2f} |")
+    blocks = []
+    if "overhead" in a.sections:
+        blocks.append(section_overhead(model, a.sizes, fa_modes, a.reps, a.decode, a.threads, a.cpu_clock))
+    if "long" in a.sections:
+        blocks.append(section_long(model, a.long_tokens, a.long_cells, a.long_policies, fa_modes[0], a.threads))
+    print("\n\n".join("\n".join(b) for b in blocks))
     return 0
 
 
