@@ -1,7 +1,12 @@
-"""Regenerate the README's results section from a real benchmark run.
+"""Regenerate the README's speed results from a real benchmark run.
 
-    .venv/bin/python scripts/update_results.py            # runs python -m a2sf.bench
-    .venv/bin/python scripts/update_results.py --from F   # uses a saved bench output
+    .venv/bin/python scripts/update_results.py                 # runs python -m a2sf.bench (all sections)
+    .venv/bin/python scripts/update_results.py -- --sections overhead --reps 5
+    .venv/bin/python scripts/update_results.py --from F [F ...]  # saved outputs of python -m a2sf.bench
+
+The bench prints Markdown (a heading, a caption, tables per section); that text
+goes between the README's ``<!-- results:begin -->`` and ``<!-- results:end -->``
+markers, and each output is also kept under results/.
 """
 from __future__ import annotations
 
@@ -16,22 +21,22 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--from", dest="src", help="a file holding the output of python -m a2sf.bench")
-    ap.add_argument("bench_args", nargs="*", help="arguments passed to python -m a2sf.bench")
+    ap.add_argument("--from", dest="src", nargs="+", help="files holding outputs of python -m a2sf.bench")
+    ap.add_argument("bench_args", nargs="*", help="arguments passed to python -m a2sf.bench (after --)")
     a = ap.parse_args()
     if a.src:
-        out = Path(a.src).read_text()
+        outputs = [Path(p).read_text() for p in a.src]
     else:
         out = subprocess.run([sys.executable, "-m", "a2sf.bench", *a.bench_args], check=True,
-                             capture_output=True, text=True).stdout
-    lines = [l for l in out.splitlines() if l.startswith("|") or l.startswith("model ")]
-    body = ["Speed of score tracking (`python -m a2sf.bench`; regenerate with `scripts/update_results.py`):", ""]
-    body += [f"_{lines[0]}_", ""] + lines[1:] if lines and lines[0].startswith("model ") else lines
+                             stdout=subprocess.PIPE, text=True).stdout
+        (ROOT / "results" / "bench_latest.md").write_text(out)
+        outputs = [out]
+    body = "\n\n".join(o.strip() for o in outputs)
     readme = ROOT / "README.md"
     text = readme.read_text()
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    readme.write_text(head + BEGIN + "\n" + "\n".join(body) + "\n" + END + tail)
+    readme.write_text(head + BEGIN + "\n" + body + "\n" + END + tail)
     return 0
 
 

@@ -18,6 +18,9 @@ long
     (eviction on). Total tokens/s, tokens/s over the last 1024 tokens, per-1024
     segment speeds (flatness), KV-cache bytes, and the eviction events: count,
     median and max time per event, share of the run's time.
+kvpress
+    The same workload through NVIDIA kvpress on HF transformers (see
+    a2sf/bench_kvpress.py; needs requirements-eval.txt).
 """
 from __future__ import annotations
 
@@ -67,8 +70,19 @@ def _open(model: str, n_ctx: int, policy, flash_attn: bool, n_threads: int, n_ba
                  n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
 
 
-def kv_cache_bytes(llm, n_cells: int, scored: bool, value_aware: bool) -> int:
-    """Bytes of the KV cache (F16 K and V) plus the engine's F32 score / value-norm rows."""
+def kv_cache_bytes(llm, n_cells: int) -> int:
+    """Bytes of the KV cache: F16 K and V plus the engine's F32 score and value-norm rows.
+
+    a2sf's libllama allocates the score rows of every cache (a policy can be set
+    on a live context), so a vanilla context carries them too; upstream
+    llama.cpp's cache is smaller by that share (printed by the long section).
+    """
+    kv, extra = _kv_bytes_per_cell(llm)
+    return n_cells * (kv + extra)
+
+
+def _kv_bytes_per_cell(llm) -> tuple:
+    """(F16 K+V bytes, score + value-norm bytes) per cell."""
     md = llm.metadata
     arch = md.get("general.architecture", "llama")
     n_layer = int(md[f"{arch}.block_count"])
@@ -77,11 +91,7 @@ def kv_cache_bytes(llm, n_cells: int, scored: bool, value_aware: bool) -> int:
     n_embd = int(md[f"{arch}.embedding_length"])
     k_dim = int(md.get(f"{arch}.attention.key_length", n_embd // n_head))
     v_dim = int(md.get(f"{arch}.attention.value_length", n_embd // n_head))
-    per_cell = n_layer * n_head_kv * (k_dim + v_dim) * 2  # F16 K + V
-    if scored:
-        per_cell += n_layer * 4  # one F32 score per layer
-        per_cell += n_layer * n_head_kv * 4  # value norms (allocated for every scored cache)
-    return n_cells * per_cell
+    return n_layer * n_head_kv * (k_dim + v_dim) * 2, n_layer * 4 + n_layer * n_head_kv * 4
 
 
 # -- overhead ------------------------------------------------------------------
@@ -156,6 +166,7 @@ class LongRun:
     cells_evicted: int = 0
     cells_used: int = 0
     n_fed: int = 0
+    score_share: float = 0.0  # part of kv_bytes that holds scores and value norms
 
 
 LONG_PROMPT = "Write a very long story about a lighthouse keeper and the sea, chapter after chapter.\n\n"
@@ -167,9 +178,9 @@ def long_generation(model: str, n_tokens: int, n_cells: int, policy, flash_attn:
     n_batch = 64
     llm = _open(model, n_cells, policy, flash_attn, n_threads, n_batch=n_batch)
     try:
-        scored = policy not in (None, "streaming")
-        run = LongRun(label=policy or "vanilla", n_cells=n_cells,
-                      kv_bytes=kv_cache_bytes(llm, n_cells, scored, policy == "vatp"))
+        run = LongRun(label=policy or "vanilla", n_cells=n_cells, kv_bytes=kv_cache_bytes(llm, n_cells))
+        kv, extra = _kv_bytes_per_cell(llm)
+        run.score_share = extra / (kv + extra)
         prompt = llm.tokenize(LONG_PROMPT.encode(), add_bos=True)
         t_start = time.perf_counter()
         t_seg = t_start
@@ -216,8 +227,8 @@ def section_long(model: str, n_tokens: int, n_cells: int, policies, flash_attn: 
         f"### Generating {n_tokens} tokens: vanilla full cache vs a bounded cache",
         "",
         f"_model {Path(model).name}, threads={n_threads}, flash_attn={flash_attn}, greedy, one token per decode "
-        f"call after a {len(LONG_PROMPT)}-character prompt; KV bytes = F16 K+V (+ F32 scores and value norms "
-        f"when scored)_",
+        f"call after a {len(LONG_PROMPT)}-character prompt; KV bytes = F16 K+V + F32 scores and value norms "
+        f"({100 * base.score_share:.1f}% of it, allocated in every a2sf cache)_",
         "",
         "| policy | cells | KV MiB | memory ratio | tokens/s | ratio | last 1024 t/s | ratio "
         "| last/first segment | evictions | cells evicted + used = fed | median / max ms per eviction "
@@ -248,7 +259,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m a2sf.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="GGUF path (default: SmolLM2-135M-Instruct Q4_1)")
-    ap.add_argument("--sections", nargs="+", choices=["overhead", "long"], default=["overhead", "long"])
+    ap.add_argument("--sections", nargs="+", choices=["overhead", "long", "kvpress"],
+                    default=["overhead", "long", "kvpress"])
     ap.add_argument("--sizes", type=int, nargs="+", default=[256, 1024, 4096], help="overhead: cache sizes")
     ap.add_argument("--flash-attn", nargs="+", choices=["off", "on"], default=["off", "on"],
                     help="overhead: flash attention settings to measure (long uses the first)")
@@ -257,6 +269,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--long-tokens", type=int, default=8192, help="long: tokens through the cache")
     ap.add_argument("--long-cells", type=int, default=1024, help="long: cells of the bounded caches")
     ap.add_argument("--long-policies", nargs="+", default=LONG_POLICIES, help="long: bounded-cache policies")
+    ap.add_argument("--kvpress-context", type=int, default=1024, help="kvpress: context tokens")
+    ap.add_argument("--kvpress-budget", type=int, default=256, help="kvpress: cells kept")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cpu-clock", action="store_true",
                     help="overhead: measure the CPU time of one computing thread (forces --threads 1) instead "
@@ -277,6 +291,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         blocks.append(section_overhead(model, a.sizes, fa_modes, a.reps, a.decode, a.threads, a.cpu_clock))
     if "long" in a.sections:
         blocks.append(section_long(model, a.long_tokens, a.long_cells, a.long_policies, fa_modes[0], a.threads))
+    if "kvpress" in a.sections:
+        from .bench_kvpress import section_kvpress
+
+        blocks.append(section_kvpress(model, a.kvpress_context, a.kvpress_budget, a.decode, a.reps, a.threads))
     print("\n\n".join("\n".join(b) for b in blocks))
     return 0
 
