@@ -26,6 +26,8 @@ from a2sf.quantize import quantize  # noqa: E402
 from a2sf.testing.reference import accumulate_scores, ubatch_sizes  # noqa: E402
 from a2sf.testing.tiny_opt import TEXT, write_tiny_opt  # noqa: E402
 
+transformers.utils.logging.disable_progress_bar()
+
 GGML_TYPE_F32 = 0
 COMMON = dict(n_threads=2, verbose=False, seed=1)
 # F32 GGUF vs torch float32: different summation orders only
@@ -73,6 +75,14 @@ def _hf_logits(model, ids):
         return model(torch.tensor([ids])).logits[0].double().numpy()
 
 
+def _last_logits(llm):
+    """Logits of the last evaluated token (llama-cpp-python keeps none without logits_all)."""
+    import llama_cpp
+
+    ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+    return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).astype(np.float64)
+
+
 def _assert_logits_close(got, want):
     scale = np.abs(want).max()
     np.testing.assert_allclose(got, want, rtol=0, atol=LOGIT_RTOL * scale)
@@ -113,7 +123,7 @@ def test_logits_match_transformers(ggufs, hf_models, variant):
     # last-token logits of a plain (logits_all=False) context, in several batches
     llm = _llm(ggufs[variant], n_batch=8, n_ubatch=8)
     llm.eval(ids)
-    _assert_logits_close(np.asarray(llm.scores[len(ids) - 1], np.float64), want[-1])
+    _assert_logits_close(_last_logits(llm), want[-1])
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -259,10 +269,11 @@ def test_converter_rejects_what_it_cannot_convert(hf_dirs, tmp_path):
 
 # -- eviction ---------------------------------------------------------------------------
 def test_eviction_on_opt_bounded_cells_and_scores(ggufs):
-    n_ctx = 64
+    n_ctx = 256  # llama.cpp's smallest cache (it pads n_ctx to 256)
     llm = Llama(ggufs["pre_ln"], n_ctx=n_ctx, kv_policy="a2sf", **COMMON)
+    assert llm.n_ctx() == n_ctx
     ids = llm.tokenize(PROMPT.encode())
-    n_gen = 200
+    n_gen = 400  # ids + n_gen stays below the training context (512)
     got = []
     for tok in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0):
         got.append(tok)
@@ -300,3 +311,19 @@ def test_scores_match_transformers_attention(ggufs, hf_models):
     s = llm.kv_scores()
     assert s.positions.tolist() == list(range(len(ids)))
     np.testing.assert_allclose(s.scores, want, rtol=1e-4, atol=1e-4)
+
+
+def test_positions_past_the_learned_table_are_rejected(ggufs):
+    """OPT's positions index a table of max_position_embeddings rows: settings or
+    evals that would pass it raise ValueError instead of aborting in llama.cpp."""
+    with pytest.raises(ValueError, match="n_ctx=1024 exceeds .* 512 learned positions"):
+        Llama(ggufs["pre_ln"], n_ctx=1024, **COMMON)
+    with pytest.raises(ValueError, match="max_positions=1024 exceeds"):
+        Llama(ggufs["pre_ln"], n_ctx=256, kv_policy="h2o", max_positions=1024, **COMMON)
+    llm = Llama(ggufs["pre_ln"], n_ctx=256, kv_policy="h2o", **COMMON)
+    llm.eval([5] * 500)
+    with pytest.raises(ValueError, match="512 learned positions"):
+        llm.eval([5] * 13)
+    assert llm.n_tokens == 500
+    llm.eval([5] * 12)  # exactly up to the last learned position
+    assert llm.n_tokens == 512 and llm.kv_n_cells() <= 256
