@@ -187,6 +187,20 @@ def test_quantize_types_load_and_run(ggufs, tmp_path, qtype, ftype):
     assert _top1_agreement(ggufs["post_ln_proj"], str(out), n=128) >= 0.5
 
 
+def test_q4_k_m_uses_k_quants_on_k_quant_shapes(tmp_path):
+    """hidden 256 / ffn 1024: rows are multiples of 256, so Q4_K_M really writes
+    Q4_K/Q6_K blocks (the tiny models above fall back to Q5_0/Q8_0)."""
+    import gguf
+
+    d = write_tiny_opt(tmp_path / "wide", "pre_ln", hidden_size=256, ffn_dim=1024, seed=3)
+    f32 = convert_opt(d, tmp_path / "wide-f32.gguf")
+    out = quantize(f32, tmp_path / "wide-q4_k_m.gguf", "Q4_K_M")
+    types = {t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
+    assert {"Q4_K", "Q6_K"} <= types
+    assert out.stat().st_size < f32.stat().st_size / 4
+    assert _top1_agreement(str(f32), str(out)) >= 0.6
+
+
 def test_quantize_rejects_bad_input(ggufs, tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf file")

@@ -60,7 +60,8 @@ def _learned_position_limit(llm: "llama_cpp.Llama") -> Optional[int]:
     buf = (ctypes.c_char * 64)()
     n = llama_cpp.llama_model_meta_val_str(llm._model.model, b"general.architecture", buf, len(buf))
     arch = buf.value.decode("utf-8", "replace") if n > 0 else ""
-    return int(llm._model.n_ctx_train()) if arch in _LEARNED_POSITION_ARCHS else None
+    n_ctx_train = int(llm._model.n_ctx_train())  # 0 with vocab_only: nothing to check
+    return n_ctx_train if arch in _LEARNED_POSITION_ARCHS and n_ctx_train > 0 else None
 
 
 def _core():

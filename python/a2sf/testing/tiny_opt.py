@@ -32,14 +32,15 @@ TEXT = (
     "so old attention counts less than recent attention. "
 )
 
-# name -> OPTConfig overrides (on top of the tiny shape below)
+# name -> OPTConfig overrides (on top of the tiny shape below); "proj" is
+# word_embed_proj_dim as a fraction of hidden_size
 VARIANTS = {
     # pre-LayerNorm blocks + final LayerNorm, lm_head tied (most OPT sizes)
-    "pre_ln": dict(do_layer_norm_before=True, word_embed_proj_dim=64),
-    # post-LayerNorm blocks, no final LayerNorm, project_in/out (as opt-350m)
-    "post_ln_proj": dict(do_layer_norm_before=False, word_embed_proj_dim=32),
+    "pre_ln": dict(do_layer_norm_before=True, proj=1.0),
+    # post-LayerNorm blocks, no final LayerNorm, project_in/out (as opt-350m: 512 of 1024)
+    "post_ln_proj": dict(do_layer_norm_before=False, proj=0.5),
     # pre-LN with its own (untied) lm_head
-    "pre_ln_untied": dict(do_layer_norm_before=True, word_embed_proj_dim=64, tie_word_embeddings=False),
+    "pre_ln_untied": dict(do_layer_norm_before=True, proj=1.0, tie_word_embeddings=False),
 }
 
 _SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]
@@ -80,11 +81,13 @@ def write_tiny_opt(out_dir: Union[str, os.PathLike], variant: str = "pre_ln", *,
         raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
     out = Path(out_dir)
     write_tiny_tokenizer(out)
+    overrides = dict(VARIANTS[variant])
+    overrides["word_embed_proj_dim"] = int(hidden_size * overrides.pop("proj"))
     cfg = OPTConfig(vocab_size=vocab_size, hidden_size=hidden_size,
                     num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
                     ffn_dim=ffn_dim, max_position_embeddings=max_position_embeddings,
                     pad_token_id=1, bos_token_id=2, eos_token_id=2, dropout=0.0,
-                    attention_dropout=0.0, **VARIANTS[variant])
+                    attention_dropout=0.0, **overrides)
     torch.manual_seed(seed)
     model = OPTForCausalLM(cfg).eval()
     g = torch.Generator().manual_seed(seed)
