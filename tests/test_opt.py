@@ -245,6 +245,26 @@ def test_cli_convert_and_quantize(hf_dirs, tmp_path):
     assert r.returncode == 2 and "no config.json" in r.stderr
 
 
+def test_other_checkpoint_layouts_convert_identically(hf_dirs, ggufs, tmp_path):
+    """Sharded safetensors, and a tokenizer given only as tokenizer.json, give
+    the same GGUF tensors and vocabulary as the single-file layout."""
+    import gguf
+
+    d = write_tiny_opt(tmp_path / "sharded", "pre_ln", seed=0, weights="sharded")
+    assert len(list(d.glob("*.safetensors"))) > 1
+    (d / "vocab.json").unlink()
+    (d / "merges.txt").unlink()
+    out = convert_opt(d, tmp_path / "sharded.gguf")
+    a, b = gguf.GGUFReader(ggufs["pre_ln"]), gguf.GGUFReader(str(out))
+    ta = {t.name: np.asarray(t.data) for t in a.tensors}
+    tb = {t.name: np.asarray(t.data) for t in b.tensors}
+    assert ta.keys() == tb.keys()
+    for name in ta:
+        np.testing.assert_array_equal(ta[name], tb[name], err_msg=name)
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"):
+        assert a.fields[key].contents() == b.fields[key].contents(), key
+
+
 # -- converter errors -------------------------------------------------------------------
 def _copy_ckpt(src, dst, **config_changes):
     import json

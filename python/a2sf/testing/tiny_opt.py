@@ -71,7 +71,8 @@ def write_tiny_opt(out_dir: Union[str, os.PathLike], variant: str = "pre_ln", *,
     """Write a random tiny OPT checkpoint + tokenizer to ``out_dir``; return it.
 
     ``weights``: ``"safetensors"`` (``save_pretrained``: ``model.`` prefixed
-    names, tied lm_head dropped) or ``"bin"`` (``pytorch_model.bin`` with
+    names, tied lm_head dropped), ``"sharded"`` (the same in several
+    ``*.safetensors`` shards with an index) or ``"bin"`` (``pytorch_model.bin`` with
     ``decoder.`` names, as the original facebook/opt-* files).
     """
     import torch
@@ -104,6 +105,8 @@ def write_tiny_opt(out_dir: Union[str, os.PathLike], variant: str = "pre_ln", *,
                 p.copy_(1.5 * torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
     if weights == "safetensors":
         model.save_pretrained(str(out))
+    elif weights == "sharded":
+        model.save_pretrained(str(out), max_shard_size="40KB")
     elif weights == "bin":
         cfg.save_pretrained(str(out))
         sd = {k[len("model."):] if k.startswith("model.") else k: v.contiguous()
@@ -112,5 +115,5 @@ def write_tiny_opt(out_dir: Union[str, os.PathLike], variant: str = "pre_ln", *,
             sd.pop("lm_head.weight", None)
         torch.save(sd, str(out / "pytorch_model.bin"))
     else:
-        raise ValueError(f"weights must be 'safetensors' or 'bin', got {weights!r}")
+        raise ValueError(f"weights must be 'safetensors', 'sharded' or 'bin', got {weights!r}")
     return out
