@@ -99,6 +99,7 @@ def _long_text_ids(llm, n):
 @pytest.mark.parametrize("text", [
     "Hello world", " leading space and  two spaces", "numbers 1234 and 56.78!",
     "It's a truth, isn't it?\nNew line\ttab", "Ünïcödé — text 日本語",
+    "I'll've  trailing   \n\n\n 2024-11-23 ", "   ",
 ])
 def test_tokenizer_matches_transformers(ggufs, hf_tokenizer, text):
     llm = _llm(ggufs["pre_ln"], n_ctx=64, vocab_only=True)
@@ -375,3 +376,51 @@ def test_positions_past_the_learned_table_are_rejected(ggufs):
     assert llm.n_tokens == 500
     llm.eval([5] * 12)  # exactly up to the last learned position
     assert llm.n_tokens == 512 and llm.kv_n_cells() <= 256
+
+
+# -- real OPT shapes (slow) -------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", ["opt-125m", "opt-350m"])
+def test_real_opt_shapes_parity_and_k_quants(tmp_path, shape):
+    """Widths, heads, vocabulary (50272) and positions (2048) of facebook/opt-125m
+    (pre-LN) and opt-350m (post-LN, project_in/out 1024 <-> 512), with 2 layers
+    of random weights instead of 12/24: logits match transformers, greedy
+    continuations are equal, and Q4_K_M writes real K-quant blocks."""
+    import gguf
+    from transformers import OPTForCausalLM
+
+    kw = dict(vocab_size=50272, max_position_embeddings=2048, num_hidden_layers=2)
+    if shape == "opt-125m":
+        kw.update(hidden_size=768, num_attention_heads=12, ffn_dim=3072)
+        variant = "pre_ln"
+    else:
+        kw.update(hidden_size=1024, num_attention_heads=16, ffn_dim=4096)
+        variant = "post_ln_proj"
+    d = write_tiny_opt(tmp_path / shape, variant, seed=7, **kw)
+    f32 = str(convert_opt(d, tmp_path / f"{shape}-f32.gguf"))
+    model = OPTForCausalLM.from_pretrained(str(d), attn_implementation="eager").eval()
+
+    llm = _llm(f32, n_ctx=2048, logits_all=True)
+    ids = _long_text_ids(llm, 96)
+    llm.eval(ids)
+    _assert_logits_close(np.asarray(llm.scores[: len(ids)], np.float64), _hf_logits(model, ids))
+
+    llm = _llm(f32, n_ctx=256)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids[:40]]), max_new_tokens=N_GREEDY, min_new_tokens=N_GREEDY,
+                             do_sample=False, pad_token_id=1, eos_token_id=None)
+    got = []
+    for tok in llm.generate(ids[:40], temp=0.0, top_k=1, repeat_penalty=1.0):
+        got.append(tok)
+        if len(got) == N_GREEDY:
+            break
+    assert got == out[0, 40:].tolist()
+
+    q = quantize(f32, tmp_path / f"{shape}-q4_k_m.gguf", "Q4_K_M")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(q)).tensors}
+    assert types["blk.0.attn_q.weight"] in ("Q4_K", "Q5_K", "Q6_K")
+    assert types["blk.0.ffn_up.weight"] in ("Q4_K", "Q5_K", "Q6_K")
+    # random weights are hard on 4 bits; chance is 1/50272
+    agreement = _top1_agreement(str(f32), str(q), n=128)
+    print(f"{shape}: Q4_K_M top-1 agreement with F32 over 128 tokens = {agreement:.3f}")
+    assert agreement >= 0.2
