@@ -63,10 +63,13 @@ void llama_model_opt::load_arch_tensors(llama_model_loader &) {
         project_out = create_tensor(tn(LLM_TENSOR_OPT_PROJECT_OUT, "weight"), {n_embd, n_embd_proj}, 0);
     }
 
-    // the final LayerNorm exists only in pre-LN models
-    const int norm_flags = layer_norm_before ? 0 : TENSOR_NOT_REQUIRED;
-    output_norm   = create_tensor(tn(LLM_TENSOR_OUTPUT_NORM, "weight"), {n_embd}, norm_flags);
-    output_norm_b = create_tensor(tn(LLM_TENSOR_OUTPUT_NORM, "bias"),   {n_embd}, norm_flags);
+    // the final LayerNorm exists only in pre-LN models (transformers builds
+    // none for post-LN ones); a post-LN file that has one is rejected by the
+    // loader's tensor count rather than silently applying it
+    if (layer_norm_before) {
+        output_norm   = create_tensor(tn(LLM_TENSOR_OUTPUT_NORM, "weight"), {n_embd}, 0);
+        output_norm_b = create_tensor(tn(LLM_TENSOR_OUTPUT_NORM, "bias"),   {n_embd}, 0);
+    }
 
     output = create_tensor(tn(LLM_TENSOR_OUTPUT, "weight"), {n_embd_proj, n_vocab}, TENSOR_NOT_REQUIRED);
     if (output == nullptr) {

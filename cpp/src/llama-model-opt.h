@@ -10,7 +10,7 @@
 //   position_embd   [n_embd, n_ctx_train]    embed_positions without OPT's 2 offset rows
 //   project_in      [n_embd_proj, n_embd]    optional (word_embed_proj_dim != hidden_size)
 //   project_out     [n_embd, n_embd_proj]    optional, present with project_in
-//   output_norm     [n_embd] (+ bias)        optional (absent in post-LN models)
+//   output_norm     [n_embd] (+ bias)        pre-LN models only
 //   output          [n_embd_proj, n_vocab]   optional (tied to token_embd when absent)
 //   blk.N.attn_norm, ffn_norm (+ bias)       self_attn_layer_norm, final_layer_norm
 //   blk.N.attn_q/k/v/output (+ bias)         q/k/v/out_proj
