@@ -30,6 +30,7 @@ Note: ``logits_all=True`` keeps one row of logits per position ever evaluated
 """
 from __future__ import annotations
 
+import ctypes
 import inspect
 import os
 import struct
@@ -47,6 +48,20 @@ __all__ = ["Llama", "KVScores"]
 
 # the parent's own n_batch default (llama_cpp.Llama.__init__)
 _PARENT_N_BATCH = 512
+
+# Architectures whose positions index a learned table of n_ctx_train rows: a
+# position past it would abort inside llama.cpp (get_rows out of range), so
+# a2sf.Llama refuses such settings and evals in Python first.
+_LEARNED_POSITION_ARCHS = frozenset({"opt", "gpt2", "starcoder"})
+
+
+def _learned_position_limit(llm: "llama_cpp.Llama") -> Optional[int]:
+    """n_ctx_train if the loaded model has learned absolute positions, else None."""
+    buf = (ctypes.c_char * 64)()
+    n = llama_cpp.llama_model_meta_val_str(llm._model.model, b"general.architecture", buf, len(buf))
+    arch = buf.value.decode("utf-8", "replace") if n > 0 else ""
+    n_ctx_train = int(llm._model.n_ctx_train())  # 0 with vocab_only: nothing to check
+    return n_ctx_train if arch in _LEARNED_POSITION_ARCHS and n_ctx_train > 0 else None
 
 
 def _core():
@@ -193,6 +208,7 @@ class Llama(llama_cpp.Llama):
             if max_positions is not None:
                 raise ValueError("max_positions needs a kv_policy (without one the limit is n_ctx)")
             super().__init__(model_path, **kwargs)
+            self._a2sf_check_positions(None)
             return
 
         kwargs = self._a2sf_fit_batch(model_path, policy, kwargs)
@@ -205,6 +221,7 @@ class Llama(llama_cpp.Llama):
                 )
         core = _core()  # fail before loading the model if the engine is missing
         super().__init__(model_path, **kwargs)
+        self._a2sf_check_positions(max_positions)
 
         self._a2sf_max_positions = max_positions
         core.set_policy(_ctx_address(self._ctx.ctx), **policy.to_native())
@@ -262,6 +279,19 @@ class Llama(llama_cpp.Llama):
         kwargs["n_batch"] = n_batch
         kwargs["n_ubatch"] = min(n_batch, n_ubatch) if n_ubatch is not None else n_batch
         return kwargs
+
+    def _a2sf_check_positions(self, max_positions: Optional[int]) -> None:
+        """Learned-position models (OPT, GPT-2): n_ctx and max_positions must fit
+        the position table; positions are never shifted, so this is a hard limit."""
+        limit = self._a2sf_position_limit = _learned_position_limit(self)
+        if limit is None:
+            return
+        for name, v in (("n_ctx", self.n_ctx()), ("max_positions", max_positions)):
+            if v is not None and v > limit:
+                self.close()
+                raise ValueError(
+                    f"{name}={v} exceeds this model's {limit} learned positions "
+                    "(absolute position embeddings; positions are never shifted)")
 
     def _a2sf_lift_limits(self) -> None:
         """With a policy, the completion API's 'context window' is max_positions."""
@@ -369,6 +399,11 @@ class Llama(llama_cpp.Llama):
 
     # -- overrides (policy only; plain parent behaviour otherwise) ------------
     def eval(self, tokens: Sequence[int]):
+        limit = getattr(self, "_a2sf_position_limit", None)
+        if limit is not None and self.n_tokens + len(tokens) > limit:
+            raise ValueError(
+                f"evaluating {len(tokens)} tokens after {self.n_tokens} would pass this model's "
+                f"{limit} learned positions (absolute position embeddings)")
         if not self._a2sf_active:
             return super().eval(tokens)
         self._a2sf_reserve(self.n_tokens + len(tokens))
