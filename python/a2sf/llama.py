@@ -377,9 +377,54 @@ class Llama(llama_cpp.Llama):
         self._a2sf_reserve(self.n_tokens + self.n_batch)
 
     def load_state(self, state) -> None:
+        """Restore a :meth:`save_state` snapshot, scores and value norms included.
+
+        The state carries each cell's per-layer score (and VATP value norms), so
+        the restored context evicts exactly as the one that saved it. A state
+        that does not fit this context (another model, a different kind of
+        policy: scored vs not, value-aware vs not, a cache too small, a truncated
+        buffer) raises RuntimeError naming the reason; the context is then left
+        empty (n_tokens = 0), never holding a half-restored cache.
+        """
+        if not isinstance(state, llama_cpp.LlamaState):
+            raise TypeError(
+                f"load_state expects a LlamaState from save_state(), got {type(state).__name__}"
+            )
         if self._a2sf_active:
             self._a2sf_reserve(int(state.n_tokens) + self.n_batch)
-        return super().load_state(state)
+        if state.scores.ndim != 2 or state.scores.shape[1] != self.scores.shape[1]:
+            raise ValueError(
+                f"load_state: the state holds logits over {state.scores.shape[-1]} tokens, this "
+                f"model's vocabulary has {self.scores.shape[1]} (a state of another model)"
+            )
+        # the logits kept per position depend on n_batch/logits_all of the context
+        # that saved them; llama_cpp.Llama.load_state needs them in this one's shape
+        rows = self.scores[: int(state.n_tokens)].shape[0]
+        if state.scores.shape[0] != rows:
+            kept = np.zeros((rows, self.scores.shape[1]), dtype=self.scores.dtype)
+            n = min(rows, state.scores.shape[0])
+            kept[:n] = state.scores[:n]
+            state = llama_cpp.LlamaState(
+                input_ids=state.input_ids, scores=kept, n_tokens=state.n_tokens,
+                llama_state=state.llama_state, llama_state_size=state.llama_state_size,
+                seed=state.seed,
+            )
+        try:
+            super().load_state(state)
+        except Exception as e:
+            reason = ""
+            try:
+                reason = _core().state_error()
+            except ImportError:  # pragma: no cover - no engine bindings
+                pass
+            # llama.cpp may have cleared the cache before it gave up: start over
+            self._ctx.kv_cache_clear()
+            self.reset()
+            raise RuntimeError(
+                "load_state: the state was not restored: "
+                + (reason or f"{e} (llama.cpp refused it: another model or a smaller cache? see its log)")
+                + "; the context is now empty"
+            ) from e
 
     def generate(self, tokens: Sequence[int], *args: Any, **kwargs: Any):
         if not self._a2sf_active:
