@@ -414,3 +414,29 @@ def test_case_count():
     n = (len(_param_cases()) + len(OTHER_CTOR_CASES) + 2 * len(MODEL_CASES) + 3
          + len(TOKEN_CASES) + len(KV_CASES) + 3 + len(CLOSED_CASES) + 1)
     assert n >= 150, n
+
+
+# -- the C API through a2sf._core: every bad argument is a status, never an abort ----
+def test_core_bad_arguments(core, good):
+    ctx = good._ctx.ctx
+    cases = [
+        (lambda: core.n_cells(ctx, -1), ValueError, "sequence id out of range"),
+        (lambda: core.n_cells(ctx, 99), ValueError, "sequence id out of range"),
+        (lambda: core.scores(ctx, 2**31 - 1), ValueError, "sequence id out of range"),
+        (lambda: core.evict(ctx, 0, -1), ValueError, "n_free"),
+        (lambda: core.evict(ctx, 99, 1), ValueError, "sequence id out of range"),
+        (lambda: core.set_policy(ctx, kind=9), ValueError, "unknown policy kind"),
+        (lambda: core.set_policy(ctx, kind=2, forgetting_factor=float("nan")), ValueError, "forgetting_factor"),
+        (lambda: core.set_policy(ctx, kind=2, n_sink=-1), ValueError, "n_sink"),
+        (lambda: core.set_policy(ctx, kind=2, seed=2**32), ValueError, "seed"),
+        (lambda: core.get_policy(None), ValueError, "NULL"),
+        (lambda: core.stats(0), ValueError, "NULL"),
+        (lambda: core.scores("0x1234"), TypeError, "ctx must be"),
+        (lambda: core.n_layers(True), TypeError, "ctx must be"),
+        (lambda: core.evict(-5, 0, 1), ValueError, "not a valid pointer"),
+    ]
+    for call, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            call()
+    assert core.get_policy(ctx) == pytest.approx(good.kv_policy.to_native())
+    assert_alive(good)

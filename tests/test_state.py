@@ -220,3 +220,14 @@ def test_seq_state_refusals(core, tiny_f32):
     # and a good restore afterwards works
     assert _seq_set(src, data) == len(data)
     assert core.state_error() == ""
+
+
+def test_load_state_refuses_a_state_larger_than_the_cache(core, tiny_f32):
+    src = Llama(tiny_f32, n_ctx=512, kv_policy="a2sf", **COMMON)
+    src.eval(prompt(450))
+    dst = make(tiny_f32, "a2sf")  # 256 cells cannot hold 450
+    with pytest.raises(RuntimeError, match="not restored"):
+        dst.load_state(src.save_state())
+    assert dst.n_tokens == 0 and dst.kv_n_cells() == 0
+    dst.eval([4, 5, 6])
+    assert dst.kv_n_cells() == 3
