@@ -202,6 +202,11 @@ PYBIND11_MODULE(_core, m) {
         py::arg("ctx"), "Zero the eviction statistics.");
 
     m.def(
+        "state_error", []() { return std::string(llama_kv_policy_state_error()); },
+        "Why the last failed state restore on this thread failed (\"\" if it did not fail\n"
+        "because of the a2sf part of the state).");
+
+    m.def(
         "evict",
         [](const py::object & ctx_obj, int32_t seq_id, int64_t n_free) {
             llama_context * ctx = as_ctx(ctx_obj);

@@ -78,6 +78,15 @@ LLAMA_API void    llama_kv_policy_reset_stats(struct llama_context * ctx);
 // a negative error code. Mainly for tests and tools.
 LLAMA_API int32_t llama_kv_policy_evict(struct llama_context * ctx, llama_seq_id seq_id, int32_t n_free);
 
+// Why the last failed state restore on the calling thread failed (llama_state_set_data,
+// llama_state_seq_set_data, llama_state_load_file, ... returned 0/false because the
+// a2sf part of the state did not match this context), or "" if the last restore on
+// this thread succeeded or failed for a reason of llama.cpp's own (see its log).
+// The state carries each cell's scores and value norms, so a restored context
+// evicts exactly as the one that saved it; a state saved under a different kind of
+// policy (scored vs not, value-aware vs not) or another model is refused.
+LLAMA_API const char * llama_kv_policy_state_error(void);
+
 #ifdef __cplusplus
 }
 #endif

@@ -48,6 +48,7 @@ __all__ = ["Llama", "KVScores"]
 
 # the parent's own n_batch default (llama_cpp.Llama.__init__)
 _PARENT_N_BATCH = 512
+_INT32_MAX = 2**31 - 1
 
 # Architectures whose positions index a learned table of n_ctx_train rows: a
 # position past it would abort inside llama.cpp (get_rows out of range), so
@@ -157,11 +158,128 @@ def _gguf_context_length(path: str) -> Optional[int]:
         return None
 
 
+def _diagnose_model_file(path: Any) -> str:
+    """Why llama.cpp may have refused to load ``path``: a sentence, or "" if the
+    file looks like a complete GGUF of a known architecture.
+
+    Only called after a load failed, to turn llama.cpp's "Failed to load model"
+    into a message that names the problem (not a GGUF, truncated, unknown
+    architecture).
+    """
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        return ""
+    if os.path.isdir(path):
+        return "it is a directory, not a GGUF file"
+    try:
+        size = os.path.getsize(path)
+        f = open(path, "rb")
+    except OSError as e:
+        return f"it cannot be read ({e.strerror})"
+    with f:
+        magic = f.read(4)
+        if size == 0:
+            return "the file is empty"
+        if magic != b"GGUF":
+            return f"it is not a GGUF file (starts with {magic!r}, not b'GGUF')"
+        try:
+            (version,) = struct.unpack("<I", f.read(4))
+            n_tensors, n_kv = struct.unpack("<QQ", f.read(16))
+            if n_kv > size or n_tensors > size:
+                return f"the GGUF header is corrupt ({n_kv} keys, {n_tensors} tensors in {size} bytes)"
+
+            def take(n: int) -> bytes:
+                b = f.read(n)
+                if len(b) != n:
+                    raise EOFError
+                return b
+
+            def read_str() -> str:
+                (n,) = struct.unpack("<Q", take(8))
+                if n > size:
+                    raise EOFError
+                return take(n).decode("utf-8", errors="replace")
+
+            def read_val(t: int):
+                if t in _GGUF_SCALARS:
+                    fmt = _GGUF_SCALARS[t]
+                    return struct.unpack(fmt, take(struct.calcsize(fmt)))[0]
+                if t == 8:
+                    return read_str()
+                if t == 9:
+                    (it,) = struct.unpack("<I", take(4))
+                    (n,) = struct.unpack("<Q", take(8))
+                    if n > size:
+                        raise EOFError
+                    for _ in range(n):
+                        read_val(it)
+                    return None
+                raise ValueError(f"unknown GGUF value type {t}")
+
+            meta: Dict[str, Any] = {}
+            for _ in range(n_kv):
+                key = read_str()
+                (t,) = struct.unpack("<I", take(4))
+                meta[key] = read_val(t)
+            data_end = 0
+            tensor_sizes = None
+            try:
+                import gguf  # for the byte size of each tensor type
+
+                tensor_sizes = gguf.GGML_QUANT_SIZES
+            except ImportError:  # pragma: no cover
+                pass
+            for _ in range(n_tensors):
+                read_str()
+                (n_dims,) = struct.unpack("<I", take(4))
+                dims = struct.unpack(f"<{n_dims}Q", take(8 * n_dims))
+                (ttype,) = struct.unpack("<I", take(4))
+                (offset,) = struct.unpack("<Q", take(8))
+                if tensor_sizes is not None:
+                    try:
+                        block, nbytes = tensor_sizes[gguf.GGMLQuantizationType(ttype)]
+                    except (ValueError, KeyError):
+                        return f"a tensor has an unknown type id {ttype}"
+                    n_el = 1
+                    for d in dims:
+                        n_el *= int(d)
+                    data_end = max(data_end, offset + n_el // block * nbytes)
+        except (EOFError, struct.error):
+            return f"the GGUF file is truncated ({size} bytes end inside its header)"
+        except ValueError as e:
+            return f"the GGUF header is corrupt ({e})"
+        align = meta.get("general.alignment", 32) or 32
+        data_start = (f.tell() + align - 1) // align * align
+        if data_start + data_end > size:
+            return (f"the GGUF file is truncated: its tensors need {data_start + data_end} bytes, "
+                    f"the file has {size}")
+        arch = meta.get("general.architecture")
+        if arch is None:
+            return "the GGUF has no general.architecture"
+        try:
+            import gguf
+
+            known = set(gguf.MODEL_ARCH_NAMES.values())
+        except ImportError:  # pragma: no cover
+            known = set()
+        if known and arch not in known:
+            return f"its architecture {arch!r} is not one llama.cpp supports"
+    return ""
+
+
 def _ctx_address(ctx: Any) -> int:
     v = getattr(ctx, "value", ctx)
     if v is None:
         raise ValueError("the llama_context is closed")
     return int(v)
+
+
+def _check_seq_id(seq_id: Any) -> None:
+    if isinstance(seq_id, bool) or not isinstance(seq_id, int):
+        raise TypeError(f"seq_id must be an int, got {type(seq_id).__name__} ({seq_id!r})")
+    if not 0 <= seq_id <= _INT32_MAX:
+        raise ValueError(f"seq_id must be in [0, 2^31-1], got {seq_id!r}")
 
 
 class Llama(llama_cpp.Llama):
@@ -191,6 +309,13 @@ class Llama(llama_cpp.Llama):
         max_positions: Optional[int] = None,
         **kwargs: Any,
     ):
+        if isinstance(model_path, os.PathLike):
+            model_path = os.fspath(model_path)
+        if not isinstance(model_path, str):
+            raise TypeError(
+                f"model_path must be a str or os.PathLike path to a GGUF file, got "
+                f"{type(model_path).__name__} ({model_path!r})"
+            )
         policy = make_policy(
             kv_policy,
             forgetting_factor=forgetting_factor,
@@ -202,13 +327,18 @@ class Llama(llama_cpp.Llama):
         )
         self._kv_policy: Optional[KVPolicy] = policy
         self._a2sf_max_positions: Optional[int] = None
+        self._a2sf_generating = 0  # generate() calls in progress (see set_kv_policy)
         active = policy is not None and policy.kind != PolicyKind.NONE
 
         if not active:
             if max_positions is not None:
                 raise ValueError("max_positions needs a kv_policy (without one the limit is n_ctx)")
+<<<<<<< HEAD
             super().__init__(model_path, **kwargs)
             self._a2sf_check_positions(None)
+=======
+            self._a2sf_load(model_path, kwargs)
+>>>>>>> rel
             return
 
         kwargs = self._a2sf_fit_batch(model_path, policy, kwargs)
@@ -220,21 +350,48 @@ class Llama(llama_cpp.Llama):
                     f"max_positions ({max_positions}) must be at least n_ctx ({kwargs['n_ctx']})"
                 )
         core = _core()  # fail before loading the model if the engine is missing
+<<<<<<< HEAD
         super().__init__(model_path, **kwargs)
         self._a2sf_check_positions(max_positions)
+=======
+        self._a2sf_load(model_path, kwargs)
+>>>>>>> rel
 
         self._a2sf_max_positions = max_positions
         core.set_policy(_ctx_address(self._ctx.ctx), **policy.to_native())
         self._a2sf_lift_limits()
 
     # -- set-up helpers ------------------------------------------------------
+    def _a2sf_load(self, model_path: Any, kwargs: Dict[str, Any]) -> None:
+        """llama_cpp.Llama.__init__, with its load failures explained."""
+        for name in ("n_batch", "n_ubatch"):
+            v = kwargs.get(name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        try:
+            super().__init__(model_path, **kwargs)
+        except ValueError as e:
+            msg = str(e)
+            if msg.startswith("Failed to load model"):
+                why = _diagnose_model_file(model_path)
+                raise ValueError(
+                    f"{msg}: {why or 'llama.cpp refused it (pass verbose=True to see its log)'}"
+                ) from e
+            if msg.startswith("Failed to create llama_context"):
+                raise ValueError(
+                    f"{msg} (n_ctx={kwargs.get('n_ctx', 512)}, n_batch={kwargs.get('n_batch', 512)}, "
+                    f"n_ubatch={kwargs.get('n_ubatch', 512)}): too large for memory, or rejected "
+                    "by llama.cpp (pass verbose=True to see its log)"
+                ) from e
+            raise
+
     @staticmethod
     def _a2sf_fit_batch(model_path: str, policy: KVPolicy, kwargs: Dict[str, Any]) -> Dict[str, Any]:
         """Resolve n_ctx and choose (or check) n_batch / n_ubatch for the policy."""
         kwargs = dict(kwargs)
         n_ctx = kwargs.get("n_ctx", 512)
-        if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 0:
-            raise ValueError(f"n_ctx must be a non-negative int, got {n_ctx!r}")
+        if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or not 0 <= n_ctx <= _INT32_MAX:
+            raise ValueError(f"n_ctx must be an int in [0, 2^31-1], got {n_ctx!r}")
         if n_ctx == 0:
             n_ctx_train = _gguf_context_length(model_path) if os.path.exists(model_path) else None
             if n_ctx_train is None:
@@ -343,6 +500,11 @@ class Llama(llama_cpp.Llama):
         """
         policy = make_policy(kv_policy, **overrides)
         active = policy is not None and policy.kind != PolicyKind.NONE
+        if getattr(self, "_a2sf_generating", 0):
+            raise RuntimeError(
+                "cannot change the kv_policy while generate()/create_completion() is running; "
+                "finish or close the generator first"
+            )
         core = _core()
         ctx = _ctx_address(self._ctx.ctx)
         if active:
@@ -366,11 +528,13 @@ class Llama(llama_cpp.Llama):
 
     def kv_scores(self, seq_id: int = 0) -> KVScores:
         """Positions, cell indices and per-layer scores of the cells of ``seq_id``."""
+        _check_seq_id(seq_id)
         pos, cells, scores = _core().scores(_ctx_address(self._ctx.ctx), seq_id)
         return KVScores(positions=pos, cells=cells, scores=scores)
 
     def kv_n_cells(self, seq_id: int = 0) -> int:
         """Number of KV cells holding ``seq_id``."""
+        _check_seq_id(seq_id)
         return int(_core().n_cells(_ctx_address(self._ctx.ctx), seq_id))
 
     def kv_stats(self) -> Dict[str, Any]:
@@ -391,6 +555,9 @@ class Llama(llama_cpp.Llama):
         """
         if isinstance(n_free, bool) or not isinstance(n_free, int) or n_free < 0:
             raise ValueError(f"n_free must be a non-negative int, got {n_free!r}")
+        if n_free > _INT32_MAX:
+            raise ValueError(f"n_free must be at most 2^31-1, got {n_free!r}")
+        _check_seq_id(seq_id)
         return int(_core().evict(_ctx_address(self._ctx.ctx), seq_id, n_free))
 
     def kv_reset_stats(self) -> None:
@@ -398,13 +565,65 @@ class Llama(llama_cpp.Llama):
         _core().reset_stats(_ctx_address(self._ctx.ctx))
 
     # -- overrides (policy only; plain parent behaviour otherwise) ------------
+    def _a2sf_check_open(self, what: str) -> None:
+        ctx = getattr(getattr(self, "_ctx", None), "ctx", None)
+        if ctx is None or getattr(getattr(self, "_model", None), "model", None) is None:
+            raise ValueError(f"{what}: the model was closed (Llama.close()); create a new Llama")
+
+    def _a2sf_check_tokens(self, tokens: Sequence[int], what: str) -> None:
+        """Token ids llama.cpp would reject (decode) or abort on (detokenize)."""
+        arr = np.asarray(tokens)
+        if arr.size == 0:
+            return
+        if arr.ndim != 1 or arr.dtype.kind not in "iu":
+            raise TypeError(f"{what}: tokens must be a sequence of int token ids, got {arr.dtype} "
+                            f"with shape {arr.shape}")
+        n_vocab = self._n_vocab
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= n_vocab:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{what}: token id {bad} is out of range [0, {n_vocab}) of this model's vocabulary")
+
+    def tokenize(self, text: bytes, *args: Any, **kwargs: Any):
+        self._a2sf_check_open("tokenize")
+        if not isinstance(text, (bytes, bytearray)):
+            raise TypeError(f"tokenize expects bytes (e.g. text.encode('utf-8')), got {type(text).__name__}")
+        return super().tokenize(bytes(text), *args, **kwargs)
+
+    def detokenize(self, tokens: Sequence[int], *args: Any, **kwargs: Any) -> bytes:
+        self._a2sf_check_open("detokenize")
+        self._a2sf_check_tokens(tokens, "detokenize")
+        return super().detokenize(tokens, *args, **kwargs)
+
+    def create_completion(self, prompt: Any, *args: Any, **kwargs: Any):
+        if not isinstance(prompt, (str, list, tuple, np.ndarray)):
+            hint = " (decode the bytes to str first)" if isinstance(prompt, (bytes, bytearray)) else ""
+            raise TypeError(
+                f"prompt must be a str or a list of token ids, got {type(prompt).__name__}{hint}"
+            )
+        return super().create_completion(prompt, *args, **kwargs)
+
+    def save_state(self):
+        self._a2sf_check_open("save_state")
+        return super().save_state()
+
     def eval(self, tokens: Sequence[int]):
+<<<<<<< HEAD
         limit = getattr(self, "_a2sf_position_limit", None)
         if limit is not None and self.n_tokens + len(tokens) > limit:
             raise ValueError(
                 f"evaluating {len(tokens)} tokens after {self.n_tokens} would pass this model's "
                 f"{limit} learned positions (absolute position embeddings)")
+=======
+        self._a2sf_check_open("eval")
+        self._a2sf_check_tokens(tokens, "eval")
+>>>>>>> rel
         if not self._a2sf_active:
+            if self.n_tokens + len(tokens) > self.n_ctx():
+                raise ValueError(
+                    f"eval: {self.n_tokens} evaluated + {len(tokens)} new tokens exceed the KV cache "
+                    f"of n_ctx={self.n_ctx()} cells (without a kv_policy nothing is evicted)"
+                )
             return super().eval(tokens)
         self._a2sf_reserve(self.n_tokens + len(tokens))
         super().eval(tokens)
@@ -412,14 +631,75 @@ class Llama(llama_cpp.Llama):
         self._a2sf_reserve(self.n_tokens + self.n_batch)
 
     def load_state(self, state) -> None:
+        """Restore a :meth:`save_state` snapshot, scores and value norms included.
+
+        The state carries each cell's per-layer score (and VATP value norms), so
+        the restored context evicts exactly as the one that saved it. A state
+        that does not fit this context (another model, a different kind of
+        policy: scored vs not, value-aware vs not, a cache too small, a truncated
+        buffer) raises RuntimeError naming the reason; the context is then left
+        empty (n_tokens = 0), never holding a half-restored cache.
+        """
+        self._a2sf_check_open("load_state")
+        if not isinstance(state, llama_cpp.LlamaState):
+            raise TypeError(
+                f"load_state expects a LlamaState from save_state(), got {type(state).__name__}"
+            )
         if self._a2sf_active:
             self._a2sf_reserve(int(state.n_tokens) + self.n_batch)
-        return super().load_state(state)
+        if state.scores.ndim != 2 or state.scores.shape[1] != self.scores.shape[1]:
+            raise ValueError(
+                f"load_state: the state holds logits over {state.scores.shape[-1]} tokens, this "
+                f"model's vocabulary has {self.scores.shape[1]} (a state of another model)"
+            )
+        # the logits kept per position depend on n_batch/logits_all of the context
+        # that saved them; llama_cpp.Llama.load_state needs them in this one's shape
+        rows = self.scores[: int(state.n_tokens)].shape[0]
+        if state.scores.shape[0] != rows:
+            kept = np.zeros((rows, self.scores.shape[1]), dtype=self.scores.dtype)
+            n = min(rows, state.scores.shape[0])
+            kept[:n] = state.scores[:n]
+            state = llama_cpp.LlamaState(
+                input_ids=state.input_ids, scores=kept, n_tokens=state.n_tokens,
+                llama_state=state.llama_state, llama_state_size=state.llama_state_size,
+                seed=state.seed,
+            )
+        try:
+            super().load_state(state)
+        except Exception as e:
+            reason = ""
+            try:
+                reason = _core().state_error()
+            except ImportError:  # pragma: no cover - no engine bindings
+                pass
+            # llama.cpp may have cleared the cache before it gave up: start over
+            self._ctx.kv_cache_clear()
+            self.reset()
+            raise RuntimeError(
+                "load_state: the state was not restored: "
+                + (reason or f"{e} (llama.cpp refused it: another model or a smaller cache? see its log)")
+                + "; the context is now empty"
+            ) from e
 
     def generate(self, tokens: Sequence[int], *args: Any, **kwargs: Any):
-        if not self._a2sf_active:
-            return super().generate(tokens, *args, **kwargs)
-        return self._a2sf_generate(tokens, *args, **kwargs)
+        # checked here, when called, not at the generator's first step
+        self._a2sf_check_open("generate")
+        if len(tokens) == 0:
+            raise ValueError("generate: the token list is empty (give at least one token, e.g. BOS)")
+        self._a2sf_check_tokens(tokens, "generate")
+        return self._a2sf_generate_guarded(tokens, *args, **kwargs)
+
+    def _a2sf_generate_guarded(self, tokens: Sequence[int], *args: Any, **kwargs: Any):
+        # set_kv_policy refuses while this generator is alive
+        self._a2sf_generating += 1
+        try:
+            if self._a2sf_active:
+                inner = self._a2sf_generate(tokens, *args, **kwargs)
+            else:
+                inner = super().generate(tokens, *args, **kwargs)
+            return (yield from inner)
+        finally:
+            self._a2sf_generating -= 1
 
     _GENERATE_SIGNATURE = inspect.signature(llama_cpp.Llama.generate)
 
