@@ -252,6 +252,8 @@ def _delegate(module: str, what: str, extra: Optional[Callable[[], Dict[str, Any
                 why = f"{module} could not be imported: {e}"
             print(f"a2sf {what}: error: {why}", file=sys.stderr)
             return 2
+        # argparse in the module names itself after argv[0]: "a2sf bench", not "__main__.py"
+        sys.argv[0] = f"a2sf {what}"
         rc = mod.main(argv, **(extra() if extra else {}))
         return int(rc or 0)
 

@@ -206,7 +206,7 @@ table.summary td { padding: 0 1em 0 0; }
         border: 1px solid #ccc; padding: 0.8em; }
 .tok { border-radius: 2px; }
 .tok.kept { color: #000; }
-.tok.evicted { color: #999; text-decoration: line-through; background: none; }
+.tok.evicted, .evicted-sample { color: #999; text-decoration: line-through; background: none; }
 .tok.sink { outline: 1px solid #333; }
 .bad { color: #b00; font-style: italic; }
 .special { font-size: 0.75em; font-style: italic; }
@@ -262,7 +262,7 @@ def render_html(t: KVTrace, title: Optional[str] = None) -> str:
 <h1>{html.escape(title)}</h1>
 <table class="summary">{stats}</table>
 <p class="legend">score (sum over layers, log scale): low {legend} high ·
-<del class="tok evicted">evicted</del> · hover a token for its position and score</p>
+<del class="evicted-sample">evicted</del> · hover a token for its position and score</p>
 <div class="text">{"".join(spans)}</div>
 </body>
 </html>
