@@ -137,22 +137,30 @@ def test_embeddings_off_is_a_clear_error(vanilla, evicting):
             llm.create_embedding("hello")
 
 
-def test_seeds(evicting):
-    """Same seed, same sample; another seed, another sample -- also across an eviction."""
+@pytest.fixture(scope="module")
+def tiny_evicting(tiny_f32):
+    """The tiny random model (cheap tokens) with A2SF eviction in a 256-cell cache."""
+    llm = Llama(tiny_f32, n_ctx=256, kv_policy="a2sf", verbose=False)
+    yield llm
+    llm.close()
+
+
+def test_seeds(tiny_evicting):
+    """Same seed, same sample; another seed, another sample -- also across evictions."""
+    llm = tiny_evicting
+
     def sample(seed):
-        return evicting.create_completion("Once upon a time", max_tokens=260, temperature=1.0, seed=seed)
+        return llm.create_completion("the cat", max_tokens=300, temperature=1.0, seed=seed)["choices"][0]["text"]
 
+    llm.kv_reset_stats()
     a, b, c = sample(7), sample(7), sample(8)
-    assert a["choices"][0]["text"] == b["choices"][0]["text"]
-    assert a["choices"][0]["text"] != c["choices"][0]["text"]
-    assert a["usage"]["total_tokens"] > 256  # went past the cache
-    assert evicting.kv_stats()["evictions"] > 0
+    assert a == b and a != c
+    assert llm.n_tokens > 256 and llm.kv_stats()["evictions"] > 0
 
 
-def test_stop_strings_and_stopping_criteria(evicting):
-    r = evicting.create_completion("1, 2, 3, 4,", max_tokens=40, temperature=0, stop=[" 7"])
-    assert r["choices"][0]["finish_reason"] == "stop" and " 7" not in r["choices"][0]["text"]
-    assert "5" in r["choices"][0]["text"]
+def test_stop_strings_and_stopping_criteria(evicting, tiny_evicting):
+    r = evicting.create_completion("1, 2, 3, 4,", max_tokens=12, temperature=0, stop=[" 6"])
+    assert r["choices"][0]["finish_reason"] == "stop" and r["choices"][0]["text"] == " 5,"
 
     seen = []
 
@@ -160,35 +168,38 @@ def test_stop_strings_and_stopping_criteria(evicting):
         seen.append(len(input_ids))
         return len(input_ids) >= 300  # past n_ctx = 256 cells
 
-    r = evicting.create_completion(
-        "Once upon a time", max_tokens=400, temperature=0,
-        stopping_criteria=llama_cpp.StoppingCriteriaList([stop_past]),
+    r = tiny_evicting.create_completion(
+        "the cat", max_tokens=400, temperature=0, stopping_criteria=llama_cpp.StoppingCriteriaList([stop_past]),
     )
     assert r["choices"][0]["finish_reason"] == "stop"
     assert max(seen) == 300 and r["usage"]["total_tokens"] in (299, 300)
 
 
-def test_logits_all_and_logprobs(smollm2):
-    llm = Llama(smollm2, n_ctx=256, n_threads=2, kv_policy="tova", logits_all=True, verbose=False)
+def test_logits_all_and_logprobs(tiny_f32):
+    llm = Llama(tiny_f32, n_ctx=256, kv_policy="tova", logits_all=True, verbose=False)
     try:
-        r = llm.create_completion("Once upon a time", max_tokens=280, temperature=0, logprobs=2)
+        r = llm.create_completion("the cat", max_tokens=300, temperature=0, logprobs=2)
         lp = r["choices"][0]["logprobs"]
-        assert len(lp["tokens"]) == r["usage"]["completion_tokens"] > 256 - r["usage"]["prompt_tokens"]
-        assert all(len(top) == 2 for top in lp["top_logprobs"])
+        n_prompt = r["usage"]["prompt_tokens"]
+        # llama_cpp counts these by re-tokenizing the text, so byte tokens of the
+        # random model may merge: vanilla llama_cpp.Llama is off by a few too
+        assert abs(len(lp["tokens"]) - 300) <= 5
+        # top-2 by token text (tokens with equal text merge) plus the sampled token
+        assert all(1 <= len(top) <= 3 for top in lp["top_logprobs"])
+        assert sum(len(top) == 2 for top in lp["top_logprobs"]) > 250
         assert all(v <= 0 for v in lp["token_logprobs"])
         assert llm.scores.shape[0] >= llm.n_tokens > 256  # one row of logits per position, past n_ctx
-        # the rows are the model's logits: greedy picked their argmax
+        # the rows are the logits greedy decoding picked from
         ids = llm.input_ids[: llm.n_tokens]
-        n_prompt = r["usage"]["prompt_tokens"]
         assert np.array_equal(np.argmax(llm.scores[n_prompt - 1 : llm.n_tokens - 1], axis=1), ids[n_prompt:])
     finally:
         llm.close()
-    with pytest.raises(ValueError, match="logits_all"):
-        llm2 = Llama(smollm2, n_ctx=256, n_threads=2, kv_policy="tova", verbose=False)
-        try:
-            llm2.create_completion("Hi", max_tokens=2, logprobs=2)
-        finally:
-            llm2.close()
+    llm = Llama(tiny_f32, n_ctx=256, kv_policy="tova", verbose=False)
+    try:
+        with pytest.raises(ValueError, match="logits_all"):
+            llm.create_completion("the cat", max_tokens=2, logprobs=2)
+    finally:
+        llm.close()
 
 
 def test_from_pretrained_is_a_clear_offline_error():

@@ -118,31 +118,35 @@ def test_streaming_matches_non_streaming(client):
 
 
 def test_conversation_longer_than_cache(client, server):
-    """Four long turns: the prompt alone outgrows n_ctx; eviction keeps the server answering."""
+    """Three long turns: the conversation outgrows n_ctx; eviction keeps the server answering."""
     filler = (
         "Here is a note about the weather in the valley, the river, the old mill and the "
         "farmers who bring their grain to it every autumn before the first snow. "
     )
     messages = [{"role": "system", "content": "You are a helpful assistant."}]
     usage = None
-    for turn in range(4):
+    for turn in range(3):
         messages.append({"role": "user", "content": filler * 2 + f"Turn {turn}: say OK."})
         r = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=24, temperature=0)
         reply = r.choices[0].message.content
         assert reply.strip()
         messages.append({"role": "assistant", "content": reply})
         usage = r.usage
-    assert usage.prompt_tokens + usage.completion_tokens > N_CTX + 100
+    assert usage.prompt_tokens + usage.completion_tokens > N_CTX + 20
     stats = _kv_stats(server)
     assert stats["kv_policy"] == "A2SF"
     assert stats["evictions"] > 0 and stats["cells_evicted"] > 0
     assert stats["n_cells"] <= N_CTX < stats["n_tokens"]
 
 
-def test_completion_past_n_ctx(client, server):
-    r = client.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=N_CTX + 40, temperature=0)
-    assert r.usage.completion_tokens > N_CTX - r.usage.prompt_tokens  # ran past the cache size
-    assert _kv_stats(server)["n_tokens"] > N_CTX
+def test_completion_prompt_longer_than_cache(client, server):
+    """A prompt longer than n_ctx (plain llama_cpp.server answers 400 'exceed context window')."""
+    prompt = "The river runs past the old mill, and the miller counts the sacks. " * 16
+    r = client.completions.create(model="smollm2", prompt=prompt, max_tokens=8, temperature=0)
+    assert r.usage.prompt_tokens > N_CTX and r.usage.completion_tokens > 0
+    assert r.choices[0].text.strip()
+    # every position went through the cache (the last sampled token is not evaluated)
+    assert _kv_stats(server)["n_tokens"] == r.usage.prompt_tokens + r.usage.completion_tokens - 1
 
 
 def test_two_parallel_requests(client):
