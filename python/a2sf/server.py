@@ -12,7 +12,8 @@ files); this module only
   ``n_recent``, ``evict_chunk``, ``value_aware``, ``kv_seed``,
   ``max_positions``), validated when the settings are parsed;
 * makes the model proxy build :class:`a2sf.Llama` instead of ``llama_cpp.Llama``;
-* makes ``/v1/models`` report each model's policy (field ``kv_policy``);
+* makes ``/v1/models`` report each model's policy (field ``kv_policy``) and adds
+  ``GET /extras/kv_stats`` (eviction counters of the loaded model);
 * accepts ``--kv-policy`` as well as ``--kv_policy`` for every option.
 
 With a policy the cache evicts instead of overflowing, so a conversation can
