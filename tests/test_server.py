@@ -184,3 +184,28 @@ def test_batch_that_does_not_fit_is_a_clear_error(smollm2):
     )
     assert r.returncode != 0
     assert "does not fit beside the protected cells" in r.stderr
+
+
+def test_settings_from_command_line_and_config_file(tmp_path, monkeypatch):
+    """Both spellings of options, and llama_cpp.server's config file with the policy fields."""
+    from a2sf.server import A2SFModelSettings, parse_settings
+
+    monkeypatch.delenv("CONFIG_FILE", raising=False)
+    server, (model,) = parse_settings(["--model", "m.gguf", "--n-ctx", "128", "--kv_policy", "tova",
+                                       "--n-recent", "16", "--port", "9000"])
+    assert isinstance(model, A2SFModelSettings) and server.port == 9000
+    assert model.n_ctx == 128 and model.policy_kwargs() == {"kv_policy": "tova", "n_recent": 16}
+    assert model.n_batch is None and model.logits_all is False  # fitted by a2sf.Llama; opt-in logits
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"port": 9001, "models": [
+        {"model": "a.gguf", "model_alias": "a", "kv_policy": "a2sf", "forgetting_factor": 0.5},
+        {"model": "b.gguf", "model_alias": "b"},
+    ]}))
+    server, models = parse_settings(["--config_file", str(config)])
+    assert server.port == 9001
+    assert [m.policy_summary() and m.policy_summary()["forgetting_factor"] for m in models] == [0.5, None]
+
+    config.write_text(json.dumps({"models": [{"model": "a.gguf", "kv_policy": "a2sf", "forgetting_factor": 2}]}))
+    with pytest.raises(SystemExit):
+        parse_settings(["--config_file", str(config)])

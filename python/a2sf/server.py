@@ -351,7 +351,7 @@ def parse_settings(argv: Optional[List[str]] = None, prog: str = "python -m a2sf
 
                 data = json.dumps(yaml.safe_load(data))
             config = A2SFConfigFileSettings.model_validate_json(data)
-            return ServerSettings.model_validate(config.model_dump()), config.models
+            return ServerSettings.model_validate(config.model_dump(exclude={"models"})), config.models
         if args.model is None:
             raise ValueError("--model is required (a local .gguf file)")
         return (
