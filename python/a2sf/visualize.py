@@ -194,7 +194,8 @@ def _piece_html(piece: bytes) -> str:
             bad = "".join(f"\\x{b:02x}" for b in piece[e.start : e.end])
             out.append(f'<span class="bad">{bad}</span>')
             piece = piece[e.end :]
-    return "".join(out)
+    # a newline token (often an attention sink) would otherwise be an invisible box
+    return "".join(out).replace("\n", '<span class="nl">\u21b5</span>\n')
 
 
 _CSS = """
@@ -210,6 +211,7 @@ table.summary td { padding: 0 1em 0 0; }
 .tok.sink { outline: 1px solid #333; }
 .bad { color: #b00; font-style: italic; }
 .special { font-size: 0.75em; font-style: italic; }
+.nl { opacity: 0.55; }
 """
 
 
