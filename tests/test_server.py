@@ -149,6 +149,21 @@ def test_completion_prompt_longer_than_cache(client, server):
     assert _kv_stats(server)["n_tokens"] == r.usage.prompt_tokens + r.usage.completion_tokens - 1
 
 
+def test_without_policy_the_same_prompt_is_rejected(smollm2, tmp_path):
+    """Control: a2sf.server without --kv-policy is plain llama_cpp.server (the cache limits the prompt)."""
+    proc, url = _start_server(["--model", str(smollm2), "--model-alias", "plain", "--n-ctx", str(N_CTX),
+                               "--n-threads", "2"], tmp_path / "plain.log")
+    try:
+        plain = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
+        assert plain.models.list().data[0].model_extra["kv_policy"] is None
+        prompt = "The river runs past the old mill, and the miller counts the sacks. " * 16
+        with pytest.raises(openai.BadRequestError, match="context"):
+            plain.completions.create(model="plain", prompt=prompt, max_tokens=8, temperature=0)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def test_two_parallel_requests(client):
     """Requests are serialised by llama_cpp.server's lock; both come back complete and correct."""
     questions = ["Paris is the capital of which country?", "Rome is the capital of which country?"]
