@@ -564,6 +564,18 @@ class Llama(llama_cpp.Llama):
         """Zero the eviction statistics."""
         _core().reset_stats(_ctx_address(self._ctx.ctx))
 
+    @classmethod
+    def from_pretrained(cls, repo_id: str, filename: Optional[str] = None, *args: Any, **kwargs: Any):
+        """Not available: a2sf never downloads models (no model hub at run time).
+
+        Download the GGUF file yourself and pass its path: ``Llama(model_path, ...)``.
+        """
+        raise RuntimeError(
+            f"a2sf.Llama.from_pretrained({repo_id!r}, {filename!r}): a2sf runs offline and never "
+            "downloads models; fetch the .gguf file yourself and pass its path, "
+            "Llama(model_path='/path/to/model.gguf', ...)"
+        )
+
     # -- overrides (policy only; plain parent behaviour otherwise) ------------
     def _a2sf_check_open(self, what: str) -> None:
         ctx = getattr(getattr(self, "_ctx", None), "ctx", None)
