@@ -187,14 +187,24 @@ class BudgetRunner:
 
     # -- protocol building block ----------------------------------------------
     def feed_context(self, tokens: Sequence[int], budget: Optional[int], chunk_max: int = 64,
-                     chunk_min: int = 1) -> np.ndarray:
+                     chunk_min: int = 1, one_shot: bool = False) -> np.ndarray:
         """Clear the cache, feed a context chunk by chunk, evicting to ``budget``.
 
         Returns the logits of the context's last token (computed before the
-        eviction that follows its chunk, as in streaming use).
+        eviction that follows its chunk, as in streaming use). ``one_shot``:
+        prefill the whole context with a full cache, then evict once (what
+        kvpress does), instead of evicting while the context streams in.
         """
         tokens = list(tokens)
         self.clear()
+        if one_shot and budget is not None and budget < len(tokens):
+            if not self._policy_active:
+                raise ValueError("a budget needs an eviction policy (set_config)")
+            last = self.decode(tokens, 0, "last")
+            n = self.n_cells()
+            self.llm.kv_evict(n - budget, 0)
+            self.max_cells_seen = self.n_cells()
+            return last
         if budget is None or budget >= len(tokens):
             last = self.decode(tokens, 0, "last")
             if self._policy_active:
