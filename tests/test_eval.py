@@ -238,3 +238,22 @@ def test_windows_are_one_per_long_document(runner):
     texts = {"b": "word " * 400, "a": "short", "c": "other " * 400}
     w = make_windows(texts, lambda s: runner.llm.tokenize(s.encode()), 64, 16, 5)
     assert [name for name, _ in w] == ["b", "c"] and all(len(t) == 80 for _, t in w)
+
+
+def test_plots_and_readme_section(ppl_run, tmp_path):
+    from a2sf.eval.report import BEGIN, END, update_readme
+
+    assert main(["plots", "--out", str(ppl_run)]) == 0
+    assert (ppl_run / "quality_vs_ratio.png").stat().st_size > 1000
+    assert (ppl_run / "quality_vs_alpha.png").stat().st_size > 1000
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n<!-- results:begin -->\nspeed\n<!-- results:end -->\n\ntext\n\n## Layout\n")
+    update_readme(readme, ppl_run)
+    text = readme.read_text()
+    assert text.index("<!-- results:end -->") < text.index(BEGIN) < text.index(END) < text.index("## Layout")
+    section = text[text.index(BEGIN):text.index(END)]
+    assert "| none (full cache) |" in section and "| h2o |" in section and "a2sf (best a)" in section
+    assert "A2SF (a=0.95) vs H2O, paired per window" in section
+    # regenerating replaces the section instead of adding a second one
+    update_readme(readme, ppl_run)
+    assert readme.read_text() == text
