@@ -257,3 +257,19 @@ def test_plots_and_readme_section(ppl_run, tmp_path):
     # regenerating replaces the section instead of adding a second one
     update_readme(readme, ppl_run)
     assert readme.read_text() == text
+
+
+def test_needle_records_keep_the_cell_budget(tiny_f32, tmp_path):
+    argv = ["needle", "--model", tiny_f32, "--texts", "austen", "--cells", "32", "--lengths", "96", "160",
+            "--depths", "0.5", "--trials", "1", "--policies", "none", "h2o", "streaming", "--n-ctx", "512",
+            "--no-progress", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    recs = [json.loads(l) for l in (tmp_path / "needle.jsonl").read_text().splitlines()]
+    assert len(recs) == 6
+    for r in recs:
+        assert isinstance(r["metrics"]["found"], bool) and r["metrics"]["key_logprob"] < 0
+        assert abs(r["metrics"]["n_context"] - r["case"]["length"]) <= 8
+        if r["policy"] != "none":
+            assert r["label"].endswith("@32c") and r["metrics"]["max_cells"] == 32
+    assert main(argv) == 0  # resumed: nothing new
+    assert len((tmp_path / "needle.jsonl").read_text().splitlines()) == 6

@@ -128,16 +128,18 @@ class BudgetRunner:
         n_batch = max(1, min(n_batch, n_ctx // 2))
         self.n_batch = n_batch
         self.llm = Llama(str(model_path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
-                         n_threads=n_threads, n_threads_batch=n_threads, seed=seed,
-                         kv_policy="streaming", n_sink=0, n_recent=0, verbose=False)
+                         n_threads=n_threads, n_threads_batch=n_threads, seed=seed, verbose=False)
         self.n_vocab = self.llm.n_vocab()
-        self._policy_active = True
+        # plain llama.cpp until a config with a budget needs the engine, so that a
+        # full-cache reference also runs on models the engine cannot score yet
+        self._policy_active = False
         self.max_cells_seen = 0  # after each chunk's eviction (what the tests check)
 
     # -- policy ---------------------------------------------------------------
     def set_config(self, config: CacheConfig, budget: Optional[int]) -> None:
         if config.policy == "none" or budget is None:
-            self.llm.set_kv_policy(None)
+            if self.llm.kv_policy is not None:
+                self.llm.set_kv_policy(None)
             self._policy_active = False
         else:
             self.llm.set_kv_policy(config.policy_for(budget))
