@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("kvpress", help="perplexity protocol with kvpress on transformers (needs requirements-eval.txt)")
     p.add_argument("--model", default=None)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--texts", default="essays")
     p.add_argument("--windows", type=int, default=2)
     p.add_argument("--context", type=int, default=1024)

@@ -19,6 +19,7 @@ a2sf for reference.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import time
 from pathlib import Path
 from typing import Any, Dict, List
@@ -121,7 +122,7 @@ def run_kvpress(args, model_path: str) -> int:
 
     settings = {"protocol": "kvpress", "texts": args.texts, "context": args.context,
                 "continuation": args.continuation, "chunk_max": args.chunk, "threads": args.threads,
-                "kvpress": kvp.__version__ if hasattr(kvp, "__version__") else "0.5.x",
+                "kvpress": importlib.metadata.version("kvpress"),
                 "torch": torch.__version__, "transformers": transformers.__version__,
                 "hf_dtype": "float32 (dequantised GGUF)", "hf_attention": "eager"}
     factory = RecordFactory("kvpress", Path(args.texts).name, model_path, settings)

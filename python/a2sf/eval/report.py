@@ -145,7 +145,7 @@ def _kvpress_block(out: Path, lines: List[str]) -> None:
     st = recs[0]["settings"]
     n_win = len({r["window"] for r in recs})
     lines += [f"**kvpress comparison** (`python -m a2sf.eval kvpress`): the perplexity protocol on {n_win} "
-              f"essays ({st['context']} + {st['continuation']} tokens), same GGUF and token ids. kvpress "
+              f"essay(s) ({st['context']} + {st['continuation']} tokens), same GGUF and token ids. kvpress "
               f"{st['kvpress']} on transformers {st['transformers']} / torch {st['torch']} (float32, "
               "eager attention) compresses once after the prefill; `llama.cpp` is our engine evicting "
               "while the context streams in (as above), `llama.cpp one-shot` prefills with a full cache "
