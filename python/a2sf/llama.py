@@ -333,12 +333,8 @@ class Llama(llama_cpp.Llama):
         if not active:
             if max_positions is not None:
                 raise ValueError("max_positions needs a kv_policy (without one the limit is n_ctx)")
-<<<<<<< HEAD
-            super().__init__(model_path, **kwargs)
-            self._a2sf_check_positions(None)
-=======
             self._a2sf_load(model_path, kwargs)
->>>>>>> rel
+            self._a2sf_check_positions(None)
             return
 
         kwargs = self._a2sf_fit_batch(model_path, policy, kwargs)
@@ -350,12 +346,8 @@ class Llama(llama_cpp.Llama):
                     f"max_positions ({max_positions}) must be at least n_ctx ({kwargs['n_ctx']})"
                 )
         core = _core()  # fail before loading the model if the engine is missing
-<<<<<<< HEAD
-        super().__init__(model_path, **kwargs)
-        self._a2sf_check_positions(max_positions)
-=======
         self._a2sf_load(model_path, kwargs)
->>>>>>> rel
+        self._a2sf_check_positions(max_positions)
 
         self._a2sf_max_positions = max_positions
         core.set_policy(_ctx_address(self._ctx.ctx), **policy.to_native())
@@ -620,16 +612,13 @@ class Llama(llama_cpp.Llama):
         return super().save_state()
 
     def eval(self, tokens: Sequence[int]):
-<<<<<<< HEAD
+        self._a2sf_check_open("eval")
+        self._a2sf_check_tokens(tokens, "eval")
         limit = getattr(self, "_a2sf_position_limit", None)
         if limit is not None and self.n_tokens + len(tokens) > limit:
             raise ValueError(
                 f"evaluating {len(tokens)} tokens after {self.n_tokens} would pass this model's "
                 f"{limit} learned positions (absolute position embeddings)")
-=======
-        self._a2sf_check_open("eval")
-        self._a2sf_check_tokens(tokens, "eval")
->>>>>>> rel
         if not self._a2sf_active:
             if self.n_tokens + len(tokens) > self.n_ctx():
                 raise ValueError(
