@@ -106,15 +106,22 @@ def _mc_block(out: Path, lines: List[str]) -> dict:
             row(f"a2sf (a={a:g})", "a2sf", r, a)
     lines.append("")
     cmp = []
+    shots_list = sorted({c[1] for c in cols})
     for r in ratios:
-        ka = [(c[0], c[1], "a2sf", r, None, DEFAULT_ALPHA) for c in cols]
-        kb = [(c[0], c[1], "h2o", r, None, None) for c in cols]
-        d = paired_mc(s, ka, kb)
-        if d:
-            cmp.append(f"at {r:g}: {100 * d['diff']:+.1f} +- {100 * d['se']:.1f} points over {d['n']} "
-                       f"question-runs (A2SF alone right {d['a_only']}, H2O alone right {d['b_only']})")
+        for group in [None] + shots_list:
+            sel = [c for c in cols if group is None or c[1] == group]
+            ka = [(c[0], c[1], "a2sf", r, None, DEFAULT_ALPHA) for c in sel]
+            kb = [(c[0], c[1], "h2o", r, None, None) for c in sel]
+            d = paired_mc(s, ka, kb)
+            if d:
+                what = "all" if group is None else f"{group}-shot"
+                cmp.append(f"| {r:g} | {what} | {100 * d['diff']:+.1f} +- {100 * d['se']:.1f} | {d['n']} | "
+                           f"{d['a_only']} / {d['b_only']} |")
     if cmp:
-        lines += ["A2SF (a=0.95) minus H2O accuracy, paired over all tasks and shots: " + "; ".join(cmp) + ".", ""]
+        lines += ["A2SF (a=0.95) minus H2O accuracy, paired per question over the tasks above (mean +- s.e.; "
+                  "the A2SF paper reports +5.1 points 0-shot and +7.8 1-shot on LLaMA-2-7B):", "",
+                  "| budget | shots | A2SF - H2O (points) | question-runs | only A2SF right / only H2O right |",
+                  "|---:|---|---:|---:|---:|"] + cmp + [""]
     return {"mc": s}
 
 
