@@ -30,15 +30,15 @@ def _check(res, n):
 
 
 def test_soak_short(core, smollm2):
-    res = _soak_module().soak(1500, model_path=smollm2, every=250, warmup=500, n_threads=2,
+    res = _soak_module().soak(600, model_path=smollm2, every=150, warmup=300, n_threads=1,
                               verbose=False)
-    _check(res, 1500)
+    _check(res, 600)
 
 
 def test_soak_short_vatp(core, tiny_f32):
-    res = _soak_module().soak(3000, model_path=tiny_f32, policy="vatp", every=500, warmup=1000,
-                              n_threads=2, verbose=False)
-    _check(res, 3000)
+    res = _soak_module().soak(1500, model_path=tiny_f32, policy="vatp", every=500, warmup=1000,
+                              n_threads=1, verbose=False)
+    _check(res, 1500)
 
 
 @pytest.mark.slow

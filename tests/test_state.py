@@ -215,6 +215,9 @@ def test_seq_state_refusals(core, tiny_f32):
     # a destination sequence out of range: refused, not a GGML_ASSERT abort
     assert _seq_set(src, data, seq_id=7) == 0
     assert "out of range" in core.state_error()
+    # saving a sequence out of range: a 0 size, not an abort
+    assert llama_cpp.llama_state_seq_get_size(src._ctx.ctx, 99) == 0
+    assert llama_cpp.llama_state_seq_get_size(src._ctx.ctx, -5) == 0
     # a truncated sequence state
     assert _seq_set(src, data[: len(data) // 2]) == 0
     # and a good restore afterwards works
