@@ -7,7 +7,7 @@ Loaded by tests/test_llama_cpp_compat.py in a subprocess
 * ``llama_cpp.Llama`` is :class:`a2sf.Llama` (``kv_policy=None``), so their tests
   construct our subclass;
 * their test dependencies that are absent here are replaced by stand-ins:
-  ``huggingface_hub.hf_hub_download`` skips the test (it needs the network;
+  ``huggingface_hub.hf_hub_download`` skips the test, installed or not (it needs the network;
   a2sf never downloads models) and ``scipy.special.log_softmax`` is numpy's.
 """
 from __future__ import annotations
@@ -22,8 +22,14 @@ import llama_cpp
 llama_cpp.Llama = a2sf.Llama
 
 
-def _stand_in(name: str, **attrs) -> None:
+def _stand_in(name: str, replace: bool = False, **attrs) -> None:
+    """Provide ``attrs`` in module ``name``: a stand-in module when it is not
+    installed; when it is, only with ``replace`` (then its attributes are set)."""
     if importlib.util.find_spec(name.split(".")[0]) is not None:
+        if replace:
+            mod = importlib.import_module(name)
+            for k, v in attrs.items():
+                setattr(mod, k, v)
         return
     parts = name.split(".")
     for i in range(1, len(parts) + 1):
@@ -50,7 +56,8 @@ def _log_softmax(x, axis=None):
     return x - m - np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True))
 
 
-_stand_in("huggingface_hub", hf_hub_download=_hf_hub_download)
+# installed or not (transformers brings it): never reach for the network
+_stand_in("huggingface_hub", replace=True, hf_hub_download=_hf_hub_download)
 _stand_in("scipy.special", log_softmax=_log_softmax)
 
 

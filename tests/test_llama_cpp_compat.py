@@ -55,7 +55,8 @@ def their_results(tmp_path_factory):
         pytest.skip(f"llama-cpp-python's sdist tree is not in the a2sf cache ({tree}); build a2sf first")
     out = tmp_path_factory.mktemp("llama_cpp_tests")
     junit = out / "junit.xml"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    # HF_HUB_OFFLINE: a hub call that slips past the plugin fails at once instead of retrying
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "llama_cpp_compat_plugin", "-p", "no:cacheprovider",
          "-c", os.devnull, "--rootdir", str(out), f"--junitxml={junit}", "-q", "-rs", "tests"],
