@@ -34,22 +34,6 @@ def _version(dist: str) -> str:
     return version(dist)
 
 
-def _hf_model(gguf: str, n_threads: int):
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    torch.set_num_threads(n_threads)
-    p = Path(gguf)
-    # eager attention: ObservedAttentionPress needs the attention weights
-    model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32,
-                                                 attn_implementation="eager")
-    model.eval()
-    return model
-
-
 def _hf_run(model, ids: List[int], press, n_decode: int) -> tuple:
     """(context seconds, decode seconds, cells after the run) for one press (None: full cache)."""
     import contextlib
@@ -107,6 +91,8 @@ def section_kvpress(gguf: str, n_context: int, budget: int, n_decode: int, reps:
     tok_llm = _open(gguf, 512, None, False, n_threads, n_batch=64)
     ids = _text_tokens(tok_llm, n_context)
     tok_llm.close()
+    from .eval.kvpress_compare import _hf_model  # same loading as the quality comparison
+
     model = _hf_model(gguf, n_threads)
     ratio = 1.0 - budget / n_context
     if budget % 256:
