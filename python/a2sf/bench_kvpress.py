@@ -15,7 +15,6 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import List
 
 # a2sf policy -> the kvpress press with the same ranking
