@@ -255,8 +255,8 @@ def section_long(model: str, n_tokens: int, n_cells: int, policies, flash_attn: 
     return out
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m a2sf.bench", description=__doc__,
+def main(argv: Optional[List[str]] = None, prog: str = "python -m a2sf.bench") -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="GGUF path (default: SmolLM2-135M-Instruct Q4_1)")
     ap.add_argument("--sections", nargs="+", choices=["overhead", "long", "kvpress"],

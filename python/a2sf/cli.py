@@ -252,8 +252,6 @@ def _delegate(module: str, what: str, extra: Optional[Callable[[], Dict[str, Any
                 why = f"{module} could not be imported: {e}"
             print(f"a2sf {what}: error: {why}", file=sys.stderr)
             return 2
-        # argparse in the module names itself after argv[0]: "a2sf bench", not "__main__.py"
-        sys.argv[0] = f"a2sf {what}"
         rc = mod.main(argv, **(extra() if extra else {}))
         return int(rc or 0)
 
@@ -263,8 +261,8 @@ def _delegate(module: str, what: str, extra: Optional[Callable[[], Dict[str, Any
 DELEGATED = {
     "serve": (_delegate("a2sf.server", "serve", lambda: {"prog": "a2sf serve"}),
               "OpenAI-compatible server (llama_cpp.server with a2sf.Llama)"),
-    "eval": (_delegate("a2sf.eval", "eval"), "accuracy of the policies on benchmark tasks (a2sf.eval)"),
-    "bench": (_delegate("a2sf.bench", "bench"), "prefill/decode speed of each policy vs vanilla (a2sf.bench)"),
+    "eval": (_delegate("a2sf.eval", "eval", lambda: {"prog": "a2sf eval"}), "accuracy of the policies on benchmark tasks (a2sf.eval)"),
+    "bench": (_delegate("a2sf.bench", "bench", lambda: {"prog": "a2sf bench"}), "prefill/decode speed of each policy vs vanilla (a2sf.bench)"),
 }
 
 

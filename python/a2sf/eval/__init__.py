@@ -41,8 +41,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m a2sf.eval", description=__doc__.split("\n\n")[0])
+def build_parser(prog: str = "python -m a2sf.eval") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("ppl", help="compressed-context perplexity")
@@ -265,9 +265,9 @@ COMMANDS = {"ppl": cmd_ppl, "mc": cmd_mc, "needle": cmd_needle, "kvpress": cmd_k
             "plots": cmd_plots, "report": cmd_report}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``python -m a2sf.eval`` (and ``a2sf eval``)."""
-    args = build_parser().parse_args(list(argv) if argv is not None else None)
+def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m a2sf.eval") -> int:
+    """Entry point of ``python -m a2sf.eval`` (and ``a2sf eval``, which passes its own ``prog``)."""
+    args = build_parser(prog).parse_args(list(argv) if argv is not None else None)
     try:
         return COMMANDS[args.cmd](args)
     except (ValueError, FileNotFoundError) as e:
