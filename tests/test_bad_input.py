@@ -386,7 +386,7 @@ CLOSED_CASES = [
     ("kv_scores", ()), ("kv_stats", ()), ("kv_n_cells", ()), ("kv_evict", (1,)),
     ("kv_reset_stats", ()), ("set_kv_policy", ("h2o",)), ("eval", ([5],)),
     ("generate", ([1, 5],)), ("create_completion", ("hi",)), ("tokenize", (b"hi",)),
-    ("detokenize", ([5],)), ("save_state", ()),
+    ("detokenize", ([5],)), ("save_state", ()), ("token_bos", ()), ("token_eos", ()),
 ]
 
 

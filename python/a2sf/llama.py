@@ -600,12 +600,23 @@ class Llama(llama_cpp.Llama):
         return super().detokenize(tokens, *args, **kwargs)
 
     def create_completion(self, prompt: Any, *args: Any, **kwargs: Any):
+        # the parent reads the vocabulary (token_bos ...) before anything else checks:
+        # after close() that is freed memory (found by scripts/sanitize.sh)
+        self._a2sf_check_open("create_completion")
         if not isinstance(prompt, (str, list, tuple, np.ndarray)):
             hint = " (decode the bytes to str first)" if isinstance(prompt, (bytes, bytearray)) else ""
             raise TypeError(
                 f"prompt must be a str or a list of token ids, got {type(prompt).__name__}{hint}"
             )
         return super().create_completion(prompt, *args, **kwargs)
+
+    def token_bos(self) -> int:
+        self._a2sf_check_open("token_bos")
+        return super().token_bos()
+
+    def token_eos(self) -> int:
+        self._a2sf_check_open("token_eos")
+        return super().token_eos()
 
     def save_state(self):
         self._a2sf_check_open("save_state")
