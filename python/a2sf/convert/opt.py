@@ -27,6 +27,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
+from ..gguf_write import add_weight, finish
+
 __all__ = ["ConversionError", "OPTConfig", "read_opt_config", "convert_opt", "OUTTYPES",
            "GGUF_ARCH", "LAYER_NORM_EPS"]
 
@@ -386,21 +388,9 @@ def convert_opt(hf_dir: PathLike, out_path: PathLike, *, outtype: str = "f32") -
         if arr.shape != shapes[name]:
             tmp.unlink(missing_ok=True)
             raise ConversionError(f"{d}: {name} has shape {arr.shape}, config implies {shapes[name]}")
-        arr = np.ascontiguousarray(arr)
-        if arr.ndim == 1 or outtype == "f32":
-            w.add_tensor(name, arr)
-        elif outtype == "f16" or arr.shape[-1] % 32:
-            w.add_tensor(name, arr.astype(np.float16))
-        else:
-            q = gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0)
-            w.add_tensor(name, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        add_weight(w, name, np.ascontiguousarray(arr), outtype)
 
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    os.replace(tmp, out)
-    return out
+    return finish(w, tmp, out)
 
 
 def _tensor_order(name: str):

@@ -21,6 +21,8 @@ from typing import Dict, List, Tuple, Union
 
 import numpy as np
 
+from ..gguf_write import add_weight, finish
+
 __all__ = ["TinyConfig", "config_of", "tiny_vocab", "tiny_weights", "write_tiny_llama"]
 
 # SentencePiece word-boundary marker
@@ -176,20 +178,9 @@ def write_tiny_llama(
     w.add_add_space_prefix(True)
 
     for name, arr in weights.items():
-        if qtype == "F32" or arr.ndim == 1:
-            w.add_tensor(name, arr)
-        elif qtype == "F16":
-            w.add_tensor(name, arr.astype(np.float16))
-        else:
-            q = gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0)
-            w.add_tensor(name, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        add_weight(w, name, arr, qtype.lower())
 
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    os.replace(tmp, path)
-    return path
+    return finish(w, tmp, path)
 
 
 def config_of(path: Union[str, os.PathLike]) -> TinyConfig:
