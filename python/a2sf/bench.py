@@ -70,19 +70,13 @@ def _open(model: str, n_ctx: int, policy, flash_attn: bool, n_threads: int, n_ba
                  n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
 
 
-def kv_cache_bytes(llm, n_cells: int) -> int:
-    """Bytes of the KV cache: F16 K and V plus the engine's F32 score and value-norm rows.
+def _kv_bytes_per_cell(llm) -> tuple:
+    """(F16 K+V bytes, score + value-norm bytes) per cell.
 
     a2sf's libllama allocates the score rows of every cache (a policy can be set
     on a live context), so a vanilla context carries them too; upstream
-    llama.cpp's cache is smaller by that share (printed by the long section).
+    llama.cpp's cache is smaller by that share.
     """
-    kv, extra = _kv_bytes_per_cell(llm)
-    return n_cells * (kv + extra)
-
-
-def _kv_bytes_per_cell(llm) -> tuple:
-    """(F16 K+V bytes, score + value-norm bytes) per cell."""
     md = llm.metadata
     arch = md.get("general.architecture", "llama")
     n_layer = int(md[f"{arch}.block_count"])
@@ -178,9 +172,9 @@ def long_generation(model: str, n_tokens: int, n_cells: int, policy, flash_attn:
     n_batch = 64
     llm = _open(model, n_cells, policy, flash_attn, n_threads, n_batch=n_batch)
     try:
-        run = LongRun(label=policy or "vanilla", n_cells=n_cells, kv_bytes=kv_cache_bytes(llm, n_cells))
         kv, extra = _kv_bytes_per_cell(llm)
-        run.score_share = extra / (kv + extra)
+        run = LongRun(label=policy or "vanilla", n_cells=n_cells, kv_bytes=n_cells * (kv + extra),
+                      score_share=extra / (kv + extra))
         prompt = llm.tokenize(LONG_PROMPT.encode(), add_bos=True)
         t_start = time.perf_counter()
         t_seg = t_start
