@@ -60,6 +60,15 @@ endforeach()
 # GGML_NATIVE keeps llama.cpp's default (ON for local builds); override with
 # -DGGML_NATIVE=OFF (e.g. CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install .).
 
+# AMX: with GGML_NATIVE=ON on a CPU that reports amx_tile/amx_int8, -march=native
+# turns on ggml's AMX kernels (ggml-cpu/amx/) and an "AMX" weight buffer type.
+# Those kernels cache the tile configuration per thread, and on VMs that do not
+# keep the tile state they die with SIGILL/SIGSEGV at the first matrix product
+# (docs/BUILD.md, "AMX"). So by default every ggml-cpu target is compiled with
+# -mno-amx-*: the AVX-512/VNNI kernels run instead. Opt in where AMX is known
+# to work: -DA2SF_AMX=ON (e.g. CMAKE_ARGS="-DA2SF_AMX=ON" bash scripts/setup.sh).
+option(A2SF_AMX "let -march=native / GGML_AMX_* compile ggml's AMX kernels" OFF)
+
 # Stable build info: the copied tree lives inside our own git checkout, and
 # llama.cpp/ggml ask git for "their" commit, which would then be ours (and
 # change, forcing recompiles, at every commit). Give them the pinned one and
@@ -71,3 +80,27 @@ set(ENV{GIT_CEILING_DIRECTORIES} "${CMAKE_BINARY_DIR}")
 
 add_subdirectory("${A2SF_LLAMA_CPP_SOURCE_DIR}" "${CMAKE_BINARY_DIR}/llama.cpp-build")
 unset(ENV{GIT_CEILING_DIRECTORIES})
+
+# --- no AMX code unless asked for (see A2SF_AMX above) -----------------------
+set(A2SF_NO_AMX_FLAGS "")
+if(NOT A2SF_AMX AND CMAKE_SYSTEM_PROCESSOR MATCHES "^(x86_64|AMD64|amd64|i[3-6]86|x86)$"
+   AND CMAKE_C_COMPILER_ID MATCHES "GNU|Clang")
+  include(CheckCCompilerFlag)
+  # GCC does not let -mno-amx-tile switch off the AMX extensions built on it:
+  # name each one the compiler knows. Explicit -mno-* flags win over
+  # -march=native whatever their order (GCC), and come last anyway (Clang).
+  foreach(_isa amx-tile amx-int8 amx-bf16 amx-fp16 amx-complex amx-transpose amx-avx512 amx-tf32 amx-fp8 amx-movrs)
+    string(MAKE_C_IDENTIFIER "A2SF_HAVE_NO_${_isa}" _var)
+    check_c_compiler_flag("-mno-${_isa}" ${_var})
+    if(${_var})
+      list(APPEND A2SF_NO_AMX_FLAGS "-mno-${_isa}")
+    endif()
+  endforeach()
+  get_property(_a2sf_ggml_targets DIRECTORY "${A2SF_LLAMA_CPP_SOURCE_DIR}/ggml/src" PROPERTY BUILDSYSTEM_TARGETS)
+  foreach(_t IN LISTS _a2sf_ggml_targets)
+    if(_t MATCHES "^ggml-cpu")
+      target_compile_options(${_t} PRIVATE "$<$<COMPILE_LANGUAGE:C,CXX>:${A2SF_NO_AMX_FLAGS}>")
+    endif()
+  endforeach()
+  message(STATUS "a2sf: ggml-cpu built without AMX (${A2SF_NO_AMX_FLAGS}); -DA2SF_AMX=ON to allow it")
+endif()
