@@ -32,42 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
-import numpy as np
+from .bench_common import greedy, open_llama, text_tokens
 
 POLICIES = [None, "streaming", "h2o", "a2sf", "vatp"]
 LONG_POLICIES = ["streaming", "a2sf"]
-
-
-def _text_tokens(llm, n: int) -> List[int]:
-    here = Path(__file__).resolve()
-    candidates = [p / "shared" / "data" / "austen" for p in here.parents] + [
-        p.parent / "shared" / "data" / "austen" for p in here.parents
-    ]
-    text = ""
-    for d in candidates:
-        if d.is_dir():
-            text = "\n".join(f.read_text(errors="replace") for f in sorted(d.glob("*.txt")))
-            break
-    if not text:
-        text = "The quick brown fox jumps over the lazy dog. " * 4000
-    toks = llm.tokenize(text.encode(), add_bos=True)
-    while len(toks) < n:
-        toks = toks + toks
-    return toks[:n]
-
-
-def _greedy(llm) -> int:
-    import llama_cpp
-
-    logits = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
-    return int(np.argmax(np.ctypeslib.as_array(logits, shape=(llm.n_vocab(),))))
-
-
-def _open(model: str, n_ctx: int, policy, flash_attn: bool, n_threads: int, n_batch: int):
-    from a2sf import Llama
-
-    return Llama(model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, kv_policy=policy, flash_attn=flash_attn,
-                 n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
 
 
 def _kv_bytes_per_cell(llm) -> tuple:
@@ -92,18 +60,18 @@ def _kv_bytes_per_cell(llm) -> tuple:
 def measure(model: str, n_ctx: int, policy, n_decode: int, flash_attn: bool, n_threads: int,
             clock=time.perf_counter) -> tuple:
     """(prefill tokens/s, decode tokens/s) at depth n_ctx - n_decode - 8, no eviction."""
-    llm = _open(model, n_ctx, policy, flash_attn, n_threads, n_batch=min(256, n_ctx // 4))
+    llm = open_llama(model, n_ctx, policy, flash_attn, n_threads, n_batch=min(256, n_ctx // 4))
     try:
         depth = n_ctx - n_decode - 8
-        toks = _text_tokens(llm, depth)
+        toks = text_tokens(llm, depth)
         t0 = clock()
         llm.eval(toks)
         t_prefill = clock() - t0
-        tok = _greedy(llm)
+        tok = greedy(llm)
         t0 = clock()
         for _ in range(n_decode):
             llm.eval([tok])
-            tok = _greedy(llm)
+            tok = greedy(llm)
         t_decode = clock() - t0
         if policy is not None:
             assert llm.kv_stats()["evictions"] == 0, "the overhead benchmark must not evict"
@@ -170,7 +138,7 @@ def long_generation(model: str, n_tokens: int, n_cells: int, policy, flash_attn:
                     segment: int = 1024) -> LongRun:
     """Feed a prompt and generate greedily until n_tokens tokens went through the cache."""
     n_batch = 64
-    llm = _open(model, n_cells, policy, flash_attn, n_threads, n_batch=n_batch)
+    llm = open_llama(model, n_cells, policy, flash_attn, n_threads, n_batch=n_batch)
     try:
         kv, extra = _kv_bytes_per_cell(llm)
         run = LongRun(label=policy or "vanilla", n_cells=n_cells, kv_bytes=n_cells * (kv + extra),
@@ -182,11 +150,11 @@ def long_generation(model: str, n_tokens: int, n_cells: int, policy, flash_attn:
         fed = len(prompt)
         seg_start = 0
         prev_events, prev_evict_s = 0, 0.0
-        tok = _greedy(llm)
+        tok = greedy(llm)
         while fed < n_tokens:
             llm.eval([tok])
             fed += 1
-            tok = _greedy(llm)
+            tok = greedy(llm)
             if policy is not None:
                 st = llm.kv_stats()
                 if st["evictions"] > prev_events:

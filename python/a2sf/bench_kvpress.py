@@ -17,13 +17,15 @@ import sys
 import time
 from typing import List
 
-# a2sf policy -> the kvpress press with the same ranking
+from .bench_common import greedy, open_llama, text_tokens
+
+# a2sf policy -> the kvpress method (eval.kvpress_compare.PRESSES) with the same ranking
 PAIRS = [
-    ("streaming", "StreamingLLMPress"),
-    ("tova", "TOVAPress"),
-    ("h2o", "ObservedAttentionPress"),
+    ("streaming", "streaming"),
+    ("tova", "tova"),
+    ("h2o", "observed_attention"),
     ("a2sf", None),
-    (None, "SnapKVPress"),
+    (None, "snapkv"),
 ]
 
 
@@ -61,18 +63,16 @@ def _hf_run(model, ids: List[int], press, n_decode: int) -> tuple:
 
 
 def _a2sf_run(gguf: str, ids: List[int], policy, n_cells: int, n_decode: int, n_threads: int) -> tuple:
-    from .bench import _greedy, _open
-
-    llm = _open(gguf, n_cells, policy, False, n_threads, n_batch=min(256, n_cells // 4))
+    llm = open_llama(gguf, n_cells, policy, False, n_threads, n_batch=min(256, n_cells // 4))
     try:
         t0 = time.perf_counter()
         llm.eval(ids)
         t_ctx = time.perf_counter() - t0
-        tok = _greedy(llm)
+        tok = greedy(llm)
         t0 = time.perf_counter()
         for _ in range(n_decode):
             llm.eval([tok])
-            tok = _greedy(llm)
+            tok = greedy(llm)
         t_dec = time.perf_counter() - t0
         cells = llm.kv_n_cells() if policy is not None else llm.n_tokens
         return t_ctx, t_dec, cells
@@ -82,25 +82,21 @@ def _a2sf_run(gguf: str, ids: List[int], policy, n_cells: int, n_decode: int, n_
 
 def section_kvpress(gguf: str, n_context: int, budget: int, n_decode: int, reps: int, n_threads: int) -> List[str]:
     try:
-        import kvpress
+        import kvpress  # noqa: F401  (the check only; make_press imports it)
     except ImportError as e:
         return ["### kvpress comparison", "", f"_not run: {e} (pip install -r requirements-eval.txt)_"]
-    from .bench import _open, _text_tokens
+    # the press mapping and the model loading of the quality comparison
+    from .eval.kvpress_compare import PRESSES, hf_model, make_press
 
-    tok_llm = _open(gguf, 512, None, False, n_threads, n_batch=64)
-    ids = _text_tokens(tok_llm, n_context)
-    tok_llm.close()
-    from .eval.kvpress_compare import _hf_model  # same loading as the quality comparison
-
-    model = _hf_model(gguf, n_threads)
+    tok_llm = open_llama(gguf, 512, None, False, n_threads, n_batch=64)
+    try:
+        ids = text_tokens(tok_llm, n_context)
+    finally:
+        tok_llm.close()
+    model = hf_model(gguf, n_threads)
     ratio = 1.0 - budget / n_context
     if budget % 256:
         raise ValueError(f"budget {budget}: use a multiple of 256 (llama.cpp pads the cache size to one)")
-
-    def make_press(name):
-        if name is None:
-            return None
-        return getattr(kvpress, name)(compression_ratio=ratio)
 
     rows: dict = {}
     for _ in range(reps):
@@ -109,7 +105,7 @@ def section_kvpress(gguf: str, n_context: int, budget: int, n_decode: int, reps:
             _a2sf_run(gguf, ids, None, n_context + n_decode, n_decode, n_threads))
         for ours, press in PAIRS:
             if press is not None:
-                rows.setdefault(("hf", press), []).append(_hf_run(model, ids, make_press(press), n_decode))
+                rows.setdefault(("hf", press), []).append(_hf_run(model, ids, make_press(press, ratio), n_decode))
             if ours is not None:
                 rows.setdefault(("a2sf", ours), []).append(
                     _a2sf_run(gguf, ids, ours, budget, n_decode, n_threads))
@@ -136,10 +132,11 @@ def section_kvpress(gguf: str, n_context: int, budget: int, n_decode: int, reps:
     for ours, press in [("vanilla", "none")] + PAIRS:
         a = med(("a2sf", None if ours == "vanilla" else ours)) if ours is not None else None
         h = med(("hf", None if press == "none" else press)) if press is not None else None
+        press_name = PRESSES[press][0] if press in PRESSES else press
         cells = lambda r: str(r[2]) if r else "-"  # noqa: E731
         out.append(
             f"| {ours or '-'} | {f'{a[0]:.0f}' if a else '-'} | {f'{a[1]:.1f}' if a else '-'} | {cells(a)} "
-            f"| {press or '-'} | {f'{h[0]:.0f}' if h else '-'} | {f'{h[1]:.1f}' if h else '-'} | {cells(h)} "
+            f"| {press_name or '-'} | {f'{h[0]:.0f}' if h else '-'} | {f'{h[1]:.1f}' if h else '-'} | {cells(h)} "
             f"| {f'{a[0] / h[0]:.1f}x' if a and h else '-'} | {f'{a[1] / h[1]:.1f}x' if a and h else '-'} |"
         )
     return out

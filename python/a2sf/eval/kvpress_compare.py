@@ -30,28 +30,35 @@ from .engine import BudgetRunner, CacheConfig, log_softmax_rows
 from .store import Progress, ResultStore
 from .sweep import DEFAULT_ALPHA, RecordFactory
 
-__all__ = ["run_kvpress", "KVPRESS_METHODS", "ENGINE_METHODS"]
+__all__ = ["run_kvpress", "KVPRESS_METHODS", "ENGINE_METHODS", "PRESSES", "make_press", "hf_model"]
 
-KVPRESS_METHODS = ("none", "streaming", "tova", "observed_attention", "snapkv")
 ENGINE_METHODS = ("none", "streaming", "tova", "h2o", "a2sf")
 
 
-def _press(name: str, ratio: float):
+#: method name -> (kvpress press class, keyword arguments); the one mapping, used by
+#: this comparison and by ``a2sf.bench --sections kvpress``
+PRESSES = {
+    "streaming": ("StreamingLLMPress", {"n_sink": 4}),
+    "tova": ("TOVAPress", {}),
+    "observed_attention": ("ObservedAttentionPress", {}),
+    "snapkv": ("SnapKVPress", {}),
+}
+
+KVPRESS_METHODS = ("none",) + tuple(PRESSES)
+
+
+def make_press(name: str, compression_ratio: float):
+    """The kvpress press of method ``name`` removing ``compression_ratio`` of the cache."""
     import kvpress
 
-    cr = 1.0 - ratio  # kvpress takes the fraction removed
-    if name == "streaming":
-        return kvpress.StreamingLLMPress(compression_ratio=cr, n_sink=4)
-    if name == "tova":
-        return kvpress.TOVAPress(compression_ratio=cr)
-    if name == "observed_attention":
-        return kvpress.ObservedAttentionPress(compression_ratio=cr)
-    if name == "snapkv":
-        return kvpress.SnapKVPress(compression_ratio=cr)
-    raise ValueError(name)
+    try:
+        cls, kwargs = PRESSES[name]
+    except KeyError:
+        raise ValueError(f"unknown kvpress method {name!r}; known: {', '.join(PRESSES)}") from None
+    return getattr(kvpress, cls)(compression_ratio=compression_ratio, **kwargs)
 
 
-def _hf_model(model_path: str, threads: int):
+def hf_model(model_path: str, threads: int):
     import torch
     import transformers
     from transformers import AutoModelForCausalLM
@@ -116,7 +123,6 @@ def run_kvpress(args, model_path: str) -> int:
                           n_threads=args.threads)
     tok = lambda s: runner.llm.tokenize(s.encode("utf-8"), add_bos=True)  # noqa: E731
     windows = make_windows(load_texts(args.texts), tok, args.context, args.continuation, args.windows)
-    import kvpress as kvp
     import torch
     import transformers
 
@@ -139,28 +145,28 @@ def run_kvpress(args, model_path: str) -> int:
                 jobs.append(("llama.cpp", m, r, i))
                 jobs.append(("llama.cpp-oneshot", m, r, i))
 
+    def alpha(method):
+        return DEFAULT_ALPHA if method == "a2sf" else None
+
     def key(engine, method, ratio, i):
-        return ("kvpress", factory.dataset, f"{engine}:{method}", ratio, None, 0, i, factory.hash)
+        return factory.key_for(f"{engine}:{method}", ratio, alpha(method), 0, i)
 
     todo = [j for j in jobs if not store.done(key(*j))]
     bar = Progress(len(todo), "kvpress", not args.no_progress)
-    model = _hf_model(model_path, args.threads) if any(j[0] == "kvpress" for j in todo) else None
+    model = hf_model(model_path, args.threads) if any(j[0] == "kvpress" for j in todo) else None
     try:
         for engine, method, ratio, i in todo:
             name, toks = windows[i]
             ctx, cont = toks[:args.context], toks[args.context:]
             if engine == "kvpress":
-                m = _hf_nll(model, ctx, cont, _press(method, ratio) if method != "none" else None)
+                m = _hf_nll(model, ctx, cont, make_press(method, 1.0 - ratio) if method != "none" else None)
             else:
-                cfg = CacheConfig(method, ratio, DEFAULT_ALPHA if method == "a2sf" else None) \
+                cfg = CacheConfig(method, ratio, alpha(method)) \
                     if method != "none" else CacheConfig("none")
                 m = _engine_nll(runner, cfg, ctx, cont, args.chunk, engine.endswith("oneshot"))
-            rec = {"schema": 1, "task": "kvpress", "dataset": factory.dataset,
-                   "policy": f"{engine}:{method}", "engine": engine, "method": method,
-                   "ratio": ratio, "alpha": DEFAULT_ALPHA if method == "a2sf" else None, "shots": 0,
-                   "window": i, "document": name, "settings": settings, "settings_hash": factory.hash,
-                   "model": factory.model, "code": factory.code, "metrics": m,
-                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            rec = factory.make_for(f"{engine}:{method}", ratio, alpha(method), 0, i, m,
+                                   label=f"{engine}:{method}" + (f"@{ratio:g}" if ratio is not None else ""),
+                                   extra={"engine": engine, "method": method, "document": name})
             store.add(rec)
             bar.update(f"{engine}:{method}@{ratio} ppl={m['ppl']:.2f}")
     finally:

@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from .engine import CacheConfig, chunk_for, split_budget
 from .store import code_identity, model_identity, settings_hash
 
-__all__ = ["build_sweep", "DEFAULT_ALPHA", "base_record"]
+__all__ = ["build_sweep", "DEFAULT_ALPHA", "RecordFactory", "cache_details"]
 
 #: A2SF's forgetting factor when none is swept (the authors' README example)
 DEFAULT_ALPHA = 0.95
@@ -52,8 +52,11 @@ class RecordFactory:
         self.code = code_identity()
 
     def key(self, config: CacheConfig, shots: int, window: Any):
-        return (self.task, self.dataset, config.policy, self._ratio(config), config.alpha, shots,
-                window, self.hash)
+        return self.key_for(config.policy, self._ratio(config), config.alpha, shots, window)
+
+    def key_for(self, policy: str, ratio: Optional[float], alpha: Optional[float], shots: int, window: Any):
+        """The store key (``store.record_key``) of the record ``make_for`` would write."""
+        return (self.task, self.dataset, policy, ratio, alpha, shots, window, self.hash)
 
     @staticmethod
     def _ratio(config: CacheConfig):
@@ -61,15 +64,22 @@ class RecordFactory:
 
     def make(self, config: CacheConfig, shots: int, window: Any, metrics: Dict[str, Any],
              extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        return self.make_for(config.policy, self._ratio(config), config.alpha, shots, window, metrics,
+                             cells=config.cells, label=config.label, extra=extra)
+
+    def make_for(self, policy: str, ratio: Optional[float], alpha: Optional[float], shots: int, window: Any,
+                 metrics: Dict[str, Any], cells: Optional[int] = None, label: Optional[str] = None,
+                 extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """A record whose policy is not a ``CacheConfig`` (the kvpress comparison's engine:method)."""
         rec = {
             "schema": 1,
             "task": self.task,
             "dataset": self.dataset,
-            "policy": config.policy,
-            "ratio": self._ratio(config),
-            "cells": config.cells,
-            "alpha": config.alpha,
-            "label": config.label,
+            "policy": policy,
+            "ratio": ratio,
+            "cells": cells,
+            "alpha": alpha,
+            "label": label if label is not None else policy,
             "shots": shots,
             "window": window,
             "settings": self.settings,

@@ -1,0 +1,84 @@
+"""bench and eval share helpers through one module and one press mapping (no import cycle)."""
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+import a2sf
+
+PKG = Path(a2sf.__file__).resolve().parent
+
+
+def _imports(path: Path):
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            out.add(("." * node.level) + (node.module or ""))
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+    return out
+
+
+def test_bench_modules_do_not_import_each_other():
+    # bench dispatches to bench_kvpress's section; the helpers both use live in bench_common
+    assert not {".bench", "a2sf.bench"} & _imports(PKG / "bench_kvpress.py")
+    assert not {".bench", "a2sf.bench", ".bench_kvpress", "a2sf.bench_kvpress"} & _imports(PKG / "bench_common.py")
+
+
+def test_one_press_mapping():
+    from a2sf import bench_kvpress
+    from a2sf.eval import kvpress_compare
+
+    assert kvpress_compare.KVPRESS_METHODS == ("none",) + tuple(kvpress_compare.PRESSES)
+    assert {p for _, p in bench_kvpress.PAIRS if p is not None} <= set(kvpress_compare.PRESSES)
+    for path in (PKG / "bench_kvpress.py", PKG / "eval" / "kvpress_compare.py"):
+        src = path.read_text()
+        assert src.count('"TOVAPress"') == (1 if path.name == "kvpress_compare.py" else 0), path
+
+
+def test_text_tokens_reads_the_eval_texts(tiny_f32):
+    from a2sf import Llama
+    from a2sf.bench_common import text_tokens
+    from a2sf.eval.data import load_texts
+
+    llm = Llama(tiny_f32, n_ctx=64, n_threads=1, verbose=False)
+    try:
+        toks = text_tokens(llm, 50)
+        want = llm.tokenize("\n".join(load_texts("austen").values()).encode(), add_bos=True)[:50]
+        assert toks == want
+    finally:
+        llm.close()
+
+
+def test_text_tokens_without_text_is_an_error(tmp_path):
+    from a2sf.bench_common import text_tokens
+
+    class NoModel:
+        def tokenize(self, *a, **k):  # never reached
+            raise AssertionError("tokenized a text that should not exist")
+
+    with pytest.raises(FileNotFoundError, match="needs a text"):
+        text_tokens(NoModel(), 10, source=str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="needs a text"):
+        text_tokens(NoModel(), 10, source=str(tmp_path))  # a directory without .txt files
+
+
+def test_sweep_exports_exist():
+    from a2sf.eval import sweep
+
+    for name in sweep.__all__:
+        assert hasattr(sweep, name), name
+
+
+def test_record_factory_key_matches_the_store_key(tmp_path, tiny_f32):
+    from a2sf.eval.engine import CacheConfig
+    from a2sf.eval.store import record_key
+    from a2sf.eval.sweep import RecordFactory
+
+    f = RecordFactory("kvpress", "austen", tiny_f32, {"x": 1})
+    rec = f.make_for("llama.cpp:a2sf", 0.2, 0.95, 0, 3, {"ppl": 1.0}, extra={"engine": "llama.cpp"})
+    assert record_key(rec) == f.key_for("llama.cpp:a2sf", 0.2, 0.95, 0, 3)
+    assert rec["engine"] == "llama.cpp" and rec["label"] == "llama.cpp:a2sf"
+    cfg = CacheConfig("a2sf", 0.2, 0.95)
+    assert record_key(f.make(cfg, 1, 0, {})) == f.key(cfg, 1, 0)
