@@ -8,14 +8,13 @@ scores; positions unique; sinks and recent window kept; cell count = cells used)
 """
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from a2sf import Llama  # noqa: E402
@@ -197,8 +196,30 @@ def test_constructor_configurations(core, tiny_f32, n_ctx, n_batch, n_sink, n_re
         llm.close()
 
 
-def test_fuzz_found_nothing_nan():
-    """A forgetting factor of any float in [0, 1] keeps scores finite (spot values)."""
-    for a in (0.0, 5e-324, 1e-30, 0.5, 1.0 - 1e-16, 1.0):
-        p = make_policy("a2sf", forgetting_factor=a)
-        assert math.isfinite(p.forgetting_factor)
+@fuzz_settings(6)
+@example(alpha=0.0, value_aware=False)
+@example(alpha=5e-324, value_aware=True)
+@example(alpha=1e-30, value_aware=False)
+@example(alpha=0.5, value_aware=True)
+@example(alpha=1.0 - 1e-16, value_aware=False)
+@example(alpha=1.0, value_aware=True)
+@given(alpha=st.floats(0.0, 1.0), value_aware=st.booleans())
+def test_fuzz_found_nothing_nan(core, tiny_f32, alpha, value_aware):
+    """A forgetting factor of any float in [0, 1] keeps the engine's scores finite and
+    non-negative through a prefill, decode steps and evictions (denormal and 1 - 1e-16
+    included: alpha^n underflows or stays 1 over hundreds of steps)."""
+    llm = Llama(tiny_f32, n_ctx=256, n_batch=32, kv_policy="a2sf", forgetting_factor=alpha,
+                value_aware=value_aware, n_sink=4, n_recent=16, **COMMON)
+    try:
+        assert llm.kv_policy.forgetting_factor == alpha
+        toks = np.random.default_rng(1).integers(3, 300, size=300).tolist()
+        llm.eval(toks[:280])
+        for t in toks[280:]:
+            llm.eval([t])
+        assert llm.kv_stats()["evictions"] > 0  # the cache of 256 cells was full
+        s = llm.kv_scores()
+        assert np.isfinite(s.scores).all() and (s.scores >= 0).all()
+        assert s.scores.max() > 0
+        _check_cache(llm)
+    finally:
+        llm.close()

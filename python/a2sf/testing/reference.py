@@ -10,6 +10,11 @@ tensors are dequantized with ``gguf.quants``) and recomputes, in float64:
   written by that ubatch are reset to 0, then
   ``S <- alpha^n S + sum_q alpha^(n-1-q) sum_h P[q, h, cell] (* |v_cell,h|_1)``.
 
+Matrix products with a Q8_0 weight see the activations rounded to Q8_0 first
+(``quantize_activations``, on by default), as ggml's CPU backend does: its
+Q8_0 dot product multiplies int8 blocks of both operands, so llama.cpp's
+result differs from a product with unrounded activations by ~1e-2.
+
 Conventions, as in llama.cpp's ``llm_build_llama``: RMSNorm, "normal" RoPE
 (adjacent pairs ``(x[2i], x[2i+1])`` rotated by ``pos * base^(-2i/d)``), GQA
 with query head ``h`` reading KV head ``h // (n_head / n_head_kv)``, causal
@@ -45,7 +50,7 @@ def _field(reader, key: str, default=None):
 class ReferenceLlama:
     """A float64 numpy LLaMA read from a GGUF file (small models only)."""
 
-    def __init__(self, path: Union[str, os.PathLike]):
+    def __init__(self, path: Union[str, os.PathLike], quantize_activations: bool = True):
         import gguf
         from gguf.quants import dequantize
 
@@ -62,15 +67,29 @@ class ReferenceLlama:
         self.rope_base = float(_field(r, "llama.rope.freq_base", 10000.0))
         self.eps = float(_field(r, "llama.attention.layer_norm_rms_epsilon", 1e-5))
         self.w: Dict[str, np.ndarray] = {}
+        self.qtype: Dict[str, "gguf.GGMLQuantizationType"] = {}
         for t in r.tensors:
             shape = tuple(int(x) for x in reversed([int(s) for s in t.shape]))
             arr = dequantize(np.asarray(t.data), t.tensor_type)
             self.w[t.name] = np.asarray(arr, dtype=np.float64).reshape(shape)
+            self.qtype[t.name] = t.tensor_type
         if "output.weight" not in self.w:  # tied embeddings
             self.w["output.weight"] = self.w["token_embd.weight"]
+            self.qtype["output.weight"] = self.qtype["token_embd.weight"]
+        self.quantize_activations = quantize_activations
         self.n_vocab = self.w["token_embd.weight"].shape[0]
 
     # -- building blocks ---------------------------------------------------
+    def _mm(self, x: np.ndarray, name: str) -> np.ndarray:
+        """x @ W.T; x rounded to Q8_0 first when W is Q8_0 (ggml CPU's vec_dot type for Q8_0)."""
+        from gguf import GGMLQuantizationType as Q
+        from gguf.quants import dequantize, quantize
+
+        if self.quantize_activations and self.qtype.get(name) == Q.Q8_0:
+            x32 = np.ascontiguousarray(x, dtype=np.float32)
+            x = dequantize(quantize(x32, Q.Q8_0), Q.Q8_0).astype(np.float64).reshape(x.shape)
+        return x @ self.w[name].T
+
     def _rms(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
         return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.eps) * weight
 
@@ -114,9 +133,9 @@ class ReferenceLlama:
         for il in range(self.n_layer):
             p = f"blk.{il}."
             h = self._rms(x, self.w[p + "attn_norm.weight"])
-            q = (h @ self.w[p + "attn_q.weight"].T).reshape(T, H, hd)
-            k = (h @ self.w[p + "attn_k.weight"].T).reshape(T, Hkv, hd)
-            v = (h @ self.w[p + "attn_v.weight"].T).reshape(T, Hkv, hd)
+            q = self._mm(h, p + "attn_q.weight").reshape(T, H, hd)
+            k = self._mm(h, p + "attn_k.weight").reshape(T, Hkv, hd)
+            v = self._mm(h, p + "attn_v.weight").reshape(T, Hkv, hd)
             q, k = self._rope(q, pos), self._rope(k, pos)
             v_l1[il] = np.abs(v).sum(axis=-1).T
             kk = np.repeat(k, group, axis=1)  # [T, H, hd]: head h reads kv head h // group
@@ -128,13 +147,13 @@ class ReferenceLlama:
             pr = e / e.sum(axis=-1, keepdims=True)
             probs[il] = pr
             o = np.einsum("hqk,khd->qhd", pr, vv).reshape(T, H * hd)
-            x = x + o @ self.w[p + "attn_output.weight"].T
+            x = x + self._mm(o, p + "attn_output.weight")
             h = self._rms(x, self.w[p + "ffn_norm.weight"])
-            g = h @ self.w[p + "ffn_gate.weight"].T
-            u = h @ self.w[p + "ffn_up.weight"].T
-            x = x + ((g / (1.0 + np.exp(-g))) * u) @ self.w[p + "ffn_down.weight"].T
+            g = self._mm(h, p + "ffn_gate.weight")
+            u = self._mm(h, p + "ffn_up.weight")
+            x = x + self._mm((g / (1.0 + np.exp(-g))) * u, p + "ffn_down.weight")
         x = self._rms(x, self.w["output_norm.weight"])
-        logits = x @ self.w["output.weight"].T
+        logits = self._mm(x, "output.weight")
         return ForwardResult(logits=logits, probs=probs, v_l1=v_l1)
 
     def scores(
