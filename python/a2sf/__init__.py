@@ -60,8 +60,9 @@ def llama_cpp_commit() -> str:
 
 
 from .llama import Llama  # noqa: E402
+from .sysinfo import system_info  # noqa: E402
 
-__all__ = ["Llama", "LIB_DIR", "__version__", "llama_cpp_commit"]
+__all__ = ["Llama", "LIB_DIR", "__version__", "llama_cpp_commit", "system_info"]
 
 # Policy classes, once that module exists (a broken module still raises).
 if _importlib_util.find_spec(__name__ + ".policies") is not None:

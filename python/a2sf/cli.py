@@ -22,9 +22,6 @@ from typing import Any, Callable, Dict, List, Optional
 
 __all__ = ["main", "build_parser"]
 
-POLICY_NAMES = ["none", "streaming", "h2o", "tova", "a2sf", "vatp", "random"]
-
-
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     pass
 
@@ -39,14 +36,32 @@ def _add_model_args(p: argparse.ArgumentParser, n_ctx: int = 512) -> None:
     g.add_argument("--n-gpu-layers", type=int, default=0, help="layers offloaded to the GPU (-1: all)")
     g.add_argument("--flash-attn", action="store_true", help="use flash attention")
     g = p.add_argument_group("eviction policy")
+    _add_policy_args(g)
+
+
+def _add_policy_args(g: Any) -> None:
+    """--kv-policy and one flag per row of a2sf.policies.SETTINGS (default: the policy's value)."""
+    from .policies import POLICY_NAMES, SETTINGS
+
     g.add_argument("--kv-policy", default=None, choices=POLICY_NAMES, metavar="POLICY",
                    help=f"one of {', '.join(POLICY_NAMES)} (default: none, plain llama.cpp)")
-    g.add_argument("--forgetting-factor", type=float, default=None, help="A2SF alpha in [0, 1]")
-    g.add_argument("--n-sink", type=int, default=None, help="first positions never evicted")
-    g.add_argument("--n-recent", type=int, default=None, help="newest positions never evicted")
-    g.add_argument("--evict-chunk", type=int, default=None, help="extra cells freed per eviction")
-    g.add_argument("--max-positions", type=int, default=None,
-                   help="longest sequence with a policy (default: the model's training context)")
+    for s in SETTINGS:
+        flag = "--" + s.name.replace("_", "-")
+        kw: Dict[str, Any] = dict(dest=s.name, default=None, help=s.help)
+        if s.type is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = s.type
+            if s.choices is not None:
+                kw["choices"] = s.choices
+        g.add_argument(flag, **kw)
+
+
+def _policy_settings(args: argparse.Namespace) -> Dict[str, Any]:
+    """The policy settings given on the command line (rows of a2sf.policies.SETTINGS)."""
+    from .policies import SETTINGS
+
+    return {s.name: getattr(args, s.name) for s in SETTINGS if getattr(args, s.name) is not None}
 
 
 def _model_path(args: argparse.Namespace) -> str:
@@ -74,23 +89,15 @@ def _load_llama(args: argparse.Namespace, **extra: Any):
     if args.threads is not None:
         kwargs["n_threads"] = kwargs["n_threads_batch"] = args.threads
     policy = None if args.kv_policy in (None, "none") else args.kv_policy
-    overrides = dict(
-        forgetting_factor=args.forgetting_factor,
-        n_sink=args.n_sink,
-        n_recent=args.n_recent,
-        evict_chunk=args.evict_chunk,
-        max_positions=args.max_positions,
-    )
-    if policy is None and any(v is not None for v in overrides.values()):
-        set_ = [k for k, v in overrides.items() if v is not None]
-        raise SystemExit(f"a2sf: error: {', '.join(set_)} need --kv-policy")
-    if policy is not None:
-        kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    settings = _policy_settings(args)
+    if policy is None and settings:
+        raise SystemExit(f"a2sf: error: {', '.join(settings)} need --kv-policy")
+    kwargs.update(settings)
     return Llama(_model_path(args), kv_policy=policy, **kwargs)
 
 
 def _print_stats(llm, out=sys.stderr) -> None:
-    if getattr(llm, "_a2sf_active", False):
+    if llm.a2sf_active:
         s = llm.kv_stats()
         print(
             f"[a2sf] {llm.n_tokens} positions, {llm.kv_n_cells()} cells of {llm.n_ctx()} in use, "
@@ -278,16 +285,35 @@ examples:
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+class _VersionAction(argparse.Action):
+    """--version: the first lines of a2sf.system_info() (loads the native library lazily)."""
 
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .sysinfo import system_info
+
+        print("\n".join(system_info().splitlines()[:5]))
+        parser.exit()
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .sysinfo import system_info
+
+    print(system_info())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="a2sf",
         description="Attention-score KV-cache eviction (A2SF, H2O, TOVA, VATP, StreamingLLM) in llama.cpp.",
         epilog=MAIN_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--version", action="version", version=f"a2sf {__version__}")
+    ap.add_argument("--version", action=_VersionAction,
+                    help="print a2sf's version and build (a2sf info prints the rest)")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("generate", help="complete a prompt", description="Complete a prompt, streaming the text.",
@@ -313,6 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="llama.cpp's log")
     _add_model_args(p)
     p.set_defaults(func=_cmd_chat)
+
+    p = sub.add_parser("info", help="versions, build and CPU features (for bug reports)",
+                       description="Print a2sf's and llama.cpp's versions, the build (backends, AMX), "
+                       "the CPU features ggml was built for and those the CPU reports.",
+                       formatter_class=_Formatter)
+    p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("inspect", help="which tokens the cache keeps, as HTML and PNG",
                        description="Run a text through the KV cache and render which tokens are kept and their scores.",

@@ -30,6 +30,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
+from ._deps import require
+
 __all__ = ["KVTrace", "trace", "render_html", "render_png", "score_colour"]
 
 
@@ -101,7 +103,7 @@ def trace(
     step = max(1, int(llm.n_batch))
     bar = None
     if progress:
-        from tqdm import tqdm
+        tqdm = require("tqdm", "viz", "the progress bar of a2sf inspect").tqdm
 
         bar = tqdm(total=len(tokens), unit="tok", desc="feeding the cache", leave=False)
     try:
@@ -274,7 +276,7 @@ def render_html(t: KVTrace, title: Optional[str] = None) -> str:
 # -- PNG ----------------------------------------------------------------------
 def render_png(t: KVTrace, path, title: Optional[str] = None, max_labels: int = 80) -> None:
     """Heatmap of per-layer scores (layers x positions, log colour scale; evicted positions blank)."""
-    import matplotlib
+    matplotlib = require("matplotlib", "viz", "a2sf inspect --png")
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
