@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 import llama_cpp
+from conftest import missing_dependency
 from a2sf import Llama
 
 LLAMA_CPP_PYTHON = "llama_cpp_python-0.3.36"
@@ -52,7 +53,7 @@ def _sdist_tree() -> Path:
 def their_results(tmp_path_factory):
     tree = _sdist_tree()
     if not (tree / "tests").is_dir():
-        pytest.skip(f"llama-cpp-python's sdist tree is not in the a2sf cache ({tree}); build a2sf first")
+        missing_dependency(f"llama-cpp-python's sdist tree is not in the a2sf cache ({tree}); build a2sf first")
     out = tmp_path_factory.mktemp("llama_cpp_tests")
     junit = out / "junit.xml"
     # HF_HUB_OFFLINE: a hub call that slips past the plugin fails at once instead of retrying

@@ -16,8 +16,10 @@ import sys
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from conftest import require_module  # noqa: E402
+
+torch = require_module("torch")
+transformers = require_module("transformers")
 
 from a2sf import Llama  # noqa: E402
 from a2sf.convert import ConversionError, convert_opt, read_opt_config  # noqa: E402

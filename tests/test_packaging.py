@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import a2sf
+from conftest import missing_dependency
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_CPP_PYTHON_SDIST = "llama_cpp_python-0.3.36.tar.gz"
@@ -43,7 +44,7 @@ def test_installed_package_works_from_another_directory(tmp_path, tiny_f32):
 
 def _build_sdist(out: Path) -> Path:
     if importlib.util.find_spec("build") is None:
-        pytest.skip("the 'build' package is not installed (requirements.txt)")
+        missing_dependency("the 'build' package is not installed (requirements.txt)")
     r = subprocess.run(
         [sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(out), str(ROOT)],
         capture_output=True, text=True, timeout=300,
@@ -85,7 +86,7 @@ def test_wheel_from_sdist_builds_offline(sdist, tmp_path):
                                                           Path.home() / ".cache") / "a2sf")
     llama_sdist = cache / LLAMA_CPP_PYTHON_SDIST
     if not llama_sdist.is_file():
-        pytest.skip(f"{llama_sdist} is not cached")
+        missing_dependency(f"{llama_sdist} is not cached")
     dead = "http://127.0.0.1:9"  # any download attempt fails
     env = dict(os.environ, A2SF_CACHE_DIR=str(tmp_path / "cache"), A2SF_LLAMA_CPP_SDIST=str(llama_sdist),
                PIP_NO_INDEX="1", http_proxy=dead, https_proxy=dead, HTTP_PROXY=dead, HTTPS_PROXY=dead)

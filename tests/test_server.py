@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-openai = pytest.importorskip("openai")
+from conftest import require_module  # noqa: E402
+
+require_module("fastapi")
+require_module("uvicorn")
+openai = require_module("openai")
 
 N_CTX = 256
 
