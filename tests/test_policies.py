@@ -157,3 +157,112 @@ def test_no_hidden_state():
     assert hash(A2SF()) == hash(A2SF())  # frozen: usable as dict keys
     assert A2SF().to_dict()["policy"] == "a2sf"
     assert issubclass(A2SF, KVPolicy)
+
+
+# -- the settings table drives the Llama keywords, the server, the CLI, the C mapping --
+from a2sf.policies import POLICY_NAMES, SETTINGS, Setting, policy_from_settings  # noqa: E402
+from conftest import require_module  # noqa: E402
+
+
+def test_policy_names_are_one_list():
+    from a2sf.eval import DEFAULT_POLICIES
+    from a2sf.eval.engine import EVAL_POLICIES
+
+    assert POLICY_NAMES == tuple(POLICIES)
+    assert tuple(DEFAULT_POLICIES) == POLICY_NAMES and EVAL_POLICIES is POLICY_NAMES
+
+
+def test_table_rows_are_the_policy_fields():
+    fields = [f.name for f in dataclasses.fields(KVPolicy)]
+    assert fields == [s.field for s in SETTINGS if s.field is not None]
+    for s in SETTINGS:
+        if s.field is not None:
+            assert getattr(KVPolicy, s.field) == s.default  # the table's default
+    # to_native: kind plus every row with a C name, under that name
+    assert set(A2SF().to_native()) == {"kind"} | {s.native for s in SETTINGS if s.native}
+
+
+def test_policy_from_settings():
+    policy, extras = policy_from_settings("random", kv_seed=5, n_recent=8, max_positions=4096, n_sink=None)
+    assert policy == RandomEviction(seed=5, n_recent=8) and extras == {"max_positions": 4096}
+    assert policy_from_settings(None) == (None, {})
+    with pytest.raises(TypeError, match="unknown policy settings \\['alpha'\\]"):
+        policy_from_settings("a2sf", alpha=0.5)
+    with pytest.raises(TypeError, match="max_positions must be an int"):
+        policy_from_settings("a2sf", max_positions=4096.0)
+    with pytest.raises(ValueError, match="max_positions must be in"):
+        policy_from_settings("a2sf", max_positions=0)
+    with pytest.raises(ValueError, match="max_positions needs a kv_policy"):
+        policy_from_settings("none", max_positions=4096)
+
+
+def test_setting_check_of_str_choices():
+    s = Setting("mode", str, None, "a mode", choices=("a", "b"))
+    assert s.check("b") == "b"
+    with pytest.raises(ValueError, match="mode must be one of a, b, got 'c'"):
+        s.check("c")
+    with pytest.raises(TypeError, match="mode must be a str"):
+        s.check(1)
+
+
+def test_every_setting_has_a_cli_flag_and_a_server_field():
+    from a2sf.cli import build_parser
+
+    ap = build_parser()
+    sub = next(a for a in ap._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    for command in ("generate", "chat", "inspect"):
+        dests = {a.dest for a in sub.choices[command]._actions}
+        assert {s.name for s in SETTINGS} <= dests, command
+    args = sub.choices["generate"].parse_args(["--kv-policy", "random", "--kv-seed", "3", "--value-aware", "x"])
+    assert (args.kv_seed, args.value_aware) == (3, True)
+    assert sub.choices["chat"].parse_args(["--no-value-aware"]).value_aware is False
+    server = require_module("a2sf.server")
+    for s in SETTINGS:
+        assert s.name in server.A2SFModelSettings.model_fields
+        assert server.A2SFModelSettings.model_fields[s.name].description == s.help
+
+
+NEW_ROW_SCRIPT = r"""
+import a2sf.policies as P
+row = P.Setting("positions", str, None, "what happens to positions", choices=("keep", "compact"))
+P.SETTINGS = P.SETTINGS + (row,)
+P.SETTINGS_BY_NAME[row.name] = row
+import sys
+from a2sf import Llama
+from a2sf.cli import build_parser
+import a2sf.server as server
+
+ap = build_parser()
+args = ap.parse_args(["generate", "--kv-policy", "a2sf", "--positions", "compact", "x"])
+assert args.positions == "compact"
+m = server.A2SFModelSettings(model="m.gguf", kv_policy="a2sf", positions="compact")
+assert m.policy_kwargs() == {"kv_policy": "a2sf", "positions": "compact"}, m.policy_kwargs()
+assert m.policy_summary()["positions"] == "compact"
+_, (m,) = server.parse_settings(["--model", "m.gguf", "--kv-policy", "a2sf", "--positions", "keep"])
+assert m.positions == "keep"
+try:
+    server.A2SFModelSettings(model="m.gguf", kv_policy="a2sf", positions="bogus")
+    raise AssertionError("no error")
+except ValueError as e:
+    assert "positions must be one of keep, compact" in str(e), e
+llm = Llama(sys.argv[1], n_ctx=128, kv_policy="a2sf", positions="compact", verbose=False)
+assert llm.a2sf_active
+llm.close()
+try:
+    Llama(sys.argv[1], n_ctx=128, kv_policy="a2sf", positions="bogus", verbose=False)
+    raise AssertionError("no error")
+except ValueError as e:
+    assert "positions must be one of" in str(e), e
+print("ok")
+"""
+
+
+def test_a_new_python_only_row_reaches_llama_server_and_cli(tiny_f32):
+    """What the next setting needs: one row (here a made-up str setting with choices)."""
+    import subprocess
+    import sys
+
+    require_module("a2sf.server")
+    r = subprocess.run([sys.executable, "-c", NEW_ROW_SCRIPT, tiny_f32], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

@@ -42,7 +42,7 @@ import numpy as np
 
 import llama_cpp
 
-from .policies import KVPolicy, PolicyKind, make_policy
+from .policies import SETTINGS_BY_NAME, KVPolicy, PolicyKind, make_policy, policy_from_settings
 
 __all__ = ["Llama", "KVScores"]
 
@@ -289,26 +289,16 @@ class Llama(llama_cpp.Llama):
         kv_policy: None (plain llama.cpp), a name ("streaming", "h2o", "tova",
             "a2sf", "vatp", "random", "none"), a :class:`a2sf.policies.KVPolicy`
             instance or class.
-        forgetting_factor, n_sink, n_recent, evict_chunk, value_aware, kv_seed:
-            override the policy's fields (None = keep the policy's value).
-        max_positions: with a policy, the longest sequence the completion API
-            runs to (default: the model's training context, at least n_ctx).
+        forgetting_factor, n_sink, n_recent, evict_chunk, value_aware, kv_seed,
+        max_positions, ...: the rows of :data:`a2sf.policies.SETTINGS` (None =
+            keep the policy's value); e.g. ``kv_seed`` sets the field ``seed``,
+            ``max_positions`` is the longest sequence the completion API runs
+            to with a policy (default: the model's training context).
     """
 
-    def __init__(
-        self,
-        model_path: str,
-        *,
-        kv_policy: Any = None,
-        forgetting_factor: Optional[float] = None,
-        n_sink: Optional[int] = None,
-        n_recent: Optional[int] = None,
-        evict_chunk: Optional[int] = None,
-        value_aware: Optional[bool] = None,
-        kv_seed: Optional[int] = None,
-        max_positions: Optional[int] = None,
-        **kwargs: Any,
-    ):
+    def __init__(self, model_path: str, *, kv_policy: Any = None, **kwargs: Any):
+        # the policy settings (rows of a2sf.policies.SETTINGS) from the rest
+        settings = {k: kwargs.pop(k) for k in list(kwargs) if k in SETTINGS_BY_NAME}
         if isinstance(model_path, os.PathLike):
             model_path = os.fspath(model_path)
         if not isinstance(model_path, str):
@@ -316,31 +306,20 @@ class Llama(llama_cpp.Llama):
                 f"model_path must be a str or os.PathLike path to a GGUF file, got "
                 f"{type(model_path).__name__} ({model_path!r})"
             )
-        policy = make_policy(
-            kv_policy,
-            forgetting_factor=forgetting_factor,
-            n_sink=n_sink,
-            n_recent=n_recent,
-            evict_chunk=evict_chunk,
-            value_aware=value_aware,
-            seed=kv_seed,
-        )
+        policy, extras = policy_from_settings(kv_policy, **settings)
+        max_positions = extras.get("max_positions")
         self._kv_policy: Optional[KVPolicy] = policy
         self._a2sf_max_positions: Optional[int] = None
         self._a2sf_generating = 0  # generate() calls in progress (see set_kv_policy)
         active = policy is not None and policy.kind != PolicyKind.NONE
 
         if not active:
-            if max_positions is not None:
-                raise ValueError("max_positions needs a kv_policy (without one the limit is n_ctx)")
             self._a2sf_load(model_path, kwargs)
             self._a2sf_check_positions(None)
             return
 
         kwargs = self._a2sf_fit_batch(model_path, policy, kwargs)
         if max_positions is not None:
-            if isinstance(max_positions, bool) or not isinstance(max_positions, int):
-                raise TypeError(f"max_positions must be an int, got {max_positions!r}")
             if max_positions < kwargs["n_ctx"]:
                 raise ValueError(
                     f"max_positions ({max_positions}) must be at least n_ctx ({kwargs['n_ctx']})"
@@ -455,7 +434,8 @@ class Llama(llama_cpp.Llama):
         self._a2sf_reserve(self.n_tokens + self.n_batch)
 
     @property
-    def _a2sf_active(self) -> bool:
+    def a2sf_active(self) -> bool:
+        """True while a policy that evicts is in force (not None / NoEviction)."""
         p = getattr(self, "_kv_policy", None)
         return p is not None and p.kind != PolicyKind.NONE
 
@@ -630,7 +610,7 @@ class Llama(llama_cpp.Llama):
             raise ValueError(
                 f"evaluating {len(tokens)} tokens after {self.n_tokens} would pass this model's "
                 f"{limit} learned positions (absolute position embeddings)")
-        if not self._a2sf_active:
+        if not self.a2sf_active:
             if self.n_tokens + len(tokens) > self.n_ctx():
                 raise ValueError(
                     f"eval: {self.n_tokens} evaluated + {len(tokens)} new tokens exceed the KV cache "
@@ -657,7 +637,7 @@ class Llama(llama_cpp.Llama):
             raise TypeError(
                 f"load_state expects a LlamaState from save_state(), got {type(state).__name__}"
             )
-        if self._a2sf_active:
+        if self.a2sf_active:
             self._a2sf_reserve(int(state.n_tokens) + self.n_batch)
         if state.scores.ndim != 2 or state.scores.shape[1] != self.scores.shape[1]:
             raise ValueError(
@@ -705,7 +685,7 @@ class Llama(llama_cpp.Llama):
         # set_kv_policy refuses while this generator is alive
         self._a2sf_generating += 1
         try:
-            if self._a2sf_active:
+            if self.a2sf_active:
                 inner = self._a2sf_generate(tokens, *args, **kwargs)
             else:
                 inner = super().generate(tokens, *args, **kwargs)

@@ -35,7 +35,7 @@ import enum
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, Optional, Type, Union
+from typing import Any, ClassVar, Dict, Optional, Tuple, Type, Union
 
 __all__ = [
     "PolicyKind",
@@ -48,7 +48,11 @@ __all__ = [
     "VATP",
     "RandomEviction",
     "POLICIES",
+    "POLICY_NAMES",
+    "Setting",
+    "SETTINGS",
     "make_policy",
+    "policy_from_settings",
 ]
 
 _INT32_MAX = 2**31 - 1
@@ -64,40 +68,115 @@ class PolicyKind(enum.IntEnum):
     RANDOM = 3
 
 
-def _check_int(owner: str, name: str, value: Any, lo: int, hi: int) -> None:
-    # bool is an int subclass in Python; a flag is never a size here.
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(
-            f"{owner}.{name} must be an int, got {type(value).__name__} ({value!r})"
-        )
-    if not lo <= int(value) <= hi:
-        raise ValueError(f"{owner}.{name} must be in [{lo}, {hi}], got {value!r}")
-
-
-def _check_alpha(owner: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"{owner}.forgetting_factor must be a real number in [0, 1], "
-            f"got {type(value).__name__} ({value!r})"
-        )
-    v = float(value)
-    if math.isnan(v) or not 0.0 <= v <= 1.0:
-        raise ValueError(
-            f"{owner}.forgetting_factor must be in [0, 1], got {value!r}"
-        )
-
-
-def _check_bool(owner: str, name: str, value: Any) -> None:
-    # accept numpy.bool_ too, but not ints such as 0/1 or strings such as "no"
+def _is_numpy_bool(value: Any) -> bool:
     t = type(value)
-    is_numpy_bool = t.__module__ == "numpy" and t.__name__ in ("bool_", "bool")
-    if not (isinstance(value, bool) or is_numpy_bool):
-        raise TypeError(
-            f"{owner}.{name} must be a bool, got {type(value).__name__} ({value!r})"
-        )
+    return t.__module__ == "numpy" and t.__name__ in ("bool_", "bool")
 
 
 @dataclass(frozen=True)
+class Setting:
+    """One row of :data:`SETTINGS`: a policy setting and every name it goes by.
+
+    ``name`` is the keyword of :class:`a2sf.Llama`, the field of the server's
+    ``A2SFModelSettings`` and (dashed) the CLI flag; ``field`` the
+    :class:`KVPolicy` field it sets (None: a setting of ``a2sf.Llama`` only,
+    such as ``max_positions``); ``native`` its name in ``llama_kv_policy_params``
+    and ``a2sf._core.set_policy`` (None: it lives in Python only).
+    """
+
+    name: str
+    type: type  # int, float, bool or str
+    default: Any  # KVPolicy's default (None: unset unless given)
+    help: str
+    field: Optional[str] = None
+    native: Optional[str] = None
+    range: Optional[Tuple[Any, Any]] = None  # inclusive bounds of an int/float
+    choices: Optional[Tuple[str, ...]] = None  # allowed values of a str
+
+    def check(self, value: Any, owner: Optional[str] = None) -> Any:
+        """``value`` as a plain Python value of this setting, or TypeError/ValueError.
+
+        ``owner`` prefixes the setting's name in messages (e.g. ``A2SF.seed``).
+        """
+        what = f"{owner}.{self.field or self.name}" if owner else self.name
+        kind = self.type
+        # bool is an int subclass in Python; a flag is never a size here
+        if kind is bool:
+            if not (isinstance(value, bool) or _is_numpy_bool(value)):
+                raise TypeError(f"{what} must be a bool, got {type(value).__name__} ({value!r})")
+            return bool(value)
+        if kind is int:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{what} must be an int, got {type(value).__name__} ({value!r})")
+            value = int(value)
+        elif kind is float:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                bounds = f" in [{self._fmt(0)}, {self._fmt(1)}]" if self.range else ""
+                raise TypeError(
+                    f"{what} must be a real number{bounds}, got {type(value).__name__} ({value!r})"
+                )
+            if math.isnan(float(value)):
+                raise ValueError(f"{what} must be in [{self._fmt(0)}, {self._fmt(1)}], got {value!r}")
+            value = float(value)
+        elif kind is str:
+            if not isinstance(value, str):
+                raise TypeError(f"{what} must be a str, got {type(value).__name__} ({value!r})")
+            if self.choices is not None and value not in self.choices:
+                raise ValueError(f"{what} must be one of {', '.join(self.choices)}, got {value!r}")
+            return value
+        else:  # pragma: no cover - a row of an unsupported type
+            raise AssertionError(f"setting {self.name}: unsupported type {kind!r}")
+        if self.range is not None and not self.range[0] <= value <= self.range[1]:
+            raise ValueError(f"{what} must be in [{self._fmt(0)}, {self._fmt(1)}], got {value!r}")
+        return value
+
+    def _fmt(self, i: int) -> str:
+        bound = self.range[i]  # type: ignore[index]
+        return {_INT32_MAX: "2^31-1", _UINT32_MAX: "2^32-1"}.get(bound, f"{bound:g}")
+
+
+#: The policy settings, one row each: the single source of the a2sf.Llama
+#: keywords, the server settings, the CLI flags, KVPolicy's fields and the
+#: mapping to the C struct (:meth:`KVPolicy.to_native`). The C side has its
+#: own defaults (``llama_kv_policy_default_params``); tests/test_engine_core.py
+#: checks that they are these.
+SETTINGS: Tuple[Setting, ...] = (
+    Setting("n_sink", int, 4, "first positions of a sequence, never evicted (attention sinks)",
+            field="n_sink", native="n_sink", range=(0, _INT32_MAX)),
+    Setting("n_recent", int, 32, "newest positions of a sequence, never evicted (local window)",
+            field="n_recent", native="n_recent", range=(0, _INT32_MAX)),
+    Setting("evict_chunk", int, 16, "extra cells an eviction frees beyond what the batch needs "
+            "(eviction then runs once every evict_chunk tokens)",
+            field="evict_chunk", native="evict_chunk", range=(0, _INT32_MAX)),
+    Setting("forgetting_factor", float, 1.0, "A2SF alpha in [0, 1] of the accumulated score "
+            "(1 = H2O, 0 = TOVA)",
+            field="forgetting_factor", native="forgetting_factor", range=(0.0, 1.0)),
+    Setting("value_aware", bool, False, "weigh attention by the L1 norm of each cell's value vector (VATP)",
+            field="value_aware", native="value_aware"),
+    Setting("kv_seed", int, 0, "seed of the random policy",
+            field="seed", native="seed", range=(0, _UINT32_MAX)),
+    Setting("max_positions", int, None, "with a policy: the longest sequence the completion API "
+            "runs to (default: the model's training context, at least n_ctx)",
+            range=(1, _INT32_MAX)),
+)
+
+#: the rows that are fields of KVPolicy, by field name
+POLICY_SETTINGS: Dict[str, Setting] = {s.field: s for s in SETTINGS if s.field is not None}
+#: all rows, by their a2sf.Llama keyword
+SETTINGS_BY_NAME: Dict[str, Setting] = {s.name: s for s in SETTINGS}
+
+
+def _fields_from_settings(cls: type) -> type:
+    """Declare KVPolicy's dataclass fields from :data:`SETTINGS` (before @dataclass)."""
+    annotations = cls.__dict__.get("__annotations__", {})
+    cls.__annotations__ = {**{f: s.type for f, s in POLICY_SETTINGS.items()}, **annotations}
+    for f, s in POLICY_SETTINGS.items():
+        setattr(cls, f, s.default)
+    return cls
+
+
+@dataclass(frozen=True)
+@_fields_from_settings
 class KVPolicy:
     """Base class: an eviction policy for llama.cpp's KV cache.
 
@@ -107,12 +186,7 @@ class KVPolicy:
     field raises TypeError.
     """
 
-    n_sink: int = 4
-    n_recent: int = 32
-    evict_chunk: int = 16
-    forgetting_factor: float = 1.0
-    value_aware: bool = False
-    seed: int = 0
+    # fields: one per row of SETTINGS with a ``field`` (see _fields_from_settings)
 
     #: engine ranking used by this policy
     kind: ClassVar[PolicyKind] = PolicyKind.SCORE
@@ -121,19 +195,9 @@ class KVPolicy:
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
-        _check_int(owner, "n_sink", self.n_sink, 0, _INT32_MAX)
-        _check_int(owner, "n_recent", self.n_recent, 0, _INT32_MAX)
-        _check_int(owner, "evict_chunk", self.evict_chunk, 0, _INT32_MAX)
-        _check_alpha(owner, self.forgetting_factor)
-        _check_bool(owner, "value_aware", self.value_aware)
-        _check_int(owner, "seed", self.seed, 0, _UINT32_MAX)
-        # normalise numpy scalars etc. to plain Python types
-        object.__setattr__(self, "n_sink", int(self.n_sink))
-        object.__setattr__(self, "n_recent", int(self.n_recent))
-        object.__setattr__(self, "evict_chunk", int(self.evict_chunk))
-        object.__setattr__(self, "forgetting_factor", float(self.forgetting_factor))
-        object.__setattr__(self, "value_aware", bool(self.value_aware))
-        object.__setattr__(self, "seed", int(self.seed))
+        for name, setting in POLICY_SETTINGS.items():
+            # validated, and numpy scalars etc. normalised to plain Python types
+            object.__setattr__(self, name, setting.check(getattr(self, name), owner))
 
     # -- helpers -----------------------------------------------------------
     @classmethod
@@ -166,15 +230,11 @@ class KVPolicy:
 
     def to_native(self) -> Dict[str, Any]:
         """Keyword arguments of ``a2sf._core.set_policy`` (minus the context)."""
-        return {
-            "kind": int(self.kind),
-            "forgetting_factor": float(self.forgetting_factor),
-            "value_aware": bool(self.value_aware),
-            "n_sink": int(self.n_sink),
-            "n_recent": int(self.n_recent),
-            "evict_chunk": int(self.evict_chunk),
-            "seed": int(self.seed),
-        }
+        native = {"kind": int(self.kind)}
+        for name, setting in POLICY_SETTINGS.items():
+            if setting.native is not None:
+                native[setting.native] = getattr(self, name)
+        return native
 
     def to_dict(self) -> Dict[str, Any]:
         """All fields plus the policy name (JSON-friendly)."""
@@ -299,8 +359,10 @@ class RandomEviction(KVPolicy):
 #: name -> class, the names :func:`make_policy` accepts
 POLICIES: Dict[str, Type[KVPolicy]] = {
     cls.name: cls
-    for cls in (NoEviction, StreamingLLM, H2O, TOVA, A2SF, VATP, RandomEviction)
+    for cls in (NoEviction, StreamingLLM, TOVA, H2O, A2SF, VATP, RandomEviction)
 }
+#: the policy names, the one list the CLI, eval and bench use
+POLICY_NAMES: Tuple[str, ...] = tuple(POLICIES)
 _ALIASES = {
     "streamingllm": "streaming",
     "sink": "streaming",
@@ -350,3 +412,31 @@ def make_policy(spec: PolicySpec, **overrides: Any) -> Optional[KVPolicy]:
         "kv_policy must be None, a policy name, a KVPolicy class or instance, "
         f"got {type(spec).__name__} ({spec!r})"
     )
+
+
+def policy_from_settings(
+    kv_policy: PolicySpec = None, **settings: Any
+) -> Tuple[Optional[KVPolicy], Dict[str, Any]]:
+    """The policy, and the Python-only settings, that ``a2sf.Llama``'s keywords name.
+
+    ``settings`` are rows of :data:`SETTINGS` by name (``kv_seed=3``,
+    ``max_positions=4096``); ``None`` counts as not given. Returns the policy
+    (:func:`make_policy` with the rows that set a field) and a dict of the given
+    rows that set none (e.g. ``{"max_positions": 4096}``), each validated.
+    Raises TypeError for unknown names and wrong types, ValueError for
+    out-of-range values and for Python-only settings without a policy.
+    """
+    unknown = sorted(set(settings) - set(SETTINGS_BY_NAME))
+    if unknown:
+        raise TypeError(
+            f"unknown policy settings {unknown}; expected some of {sorted(SETTINGS_BY_NAME)}"
+        )
+    given = {SETTINGS_BY_NAME[k]: v for k, v in settings.items() if v is not None}
+    policy = make_policy(kv_policy, **{s.field: v for s, v in given.items() if s.field is not None})
+    extras = {s.name: s.check(v) for s, v in given.items() if s.field is None}
+    if extras and (policy is None or policy.kind == PolicyKind.NONE):
+        raise ValueError(
+            f"{', '.join(extras)} needs a kv_policy other than none "
+            "(without one nothing is evicted and the limit is n_ctx)"
+        )
+    return policy, extras

@@ -7,10 +7,10 @@ Everything of ``python -m llama_cpp.server`` is reused (its FastAPI app and
 routes, request locking, settings and their command-line parsing, config
 files); this module only
 
-* extends its ``ModelSettings`` with the eviction-policy fields of
-  :class:`a2sf.Llama` (``kv_policy``, ``forgetting_factor``, ``n_sink``,
-  ``n_recent``, ``evict_chunk``, ``value_aware``, ``kv_seed``,
-  ``max_positions``), validated when the settings are parsed;
+* extends its ``ModelSettings`` with ``kv_policy`` and the policy settings of
+  :class:`a2sf.Llama` (one per row of :data:`a2sf.policies.SETTINGS`:
+  ``forgetting_factor``, ``n_sink``, ``n_recent``, ``max_positions`` ...),
+  validated when the settings are parsed;
 * makes the model proxy build :class:`a2sf.Llama` instead of ``llama_cpp.Llama``;
 * makes ``/v1/models`` report each model's policy (field ``kv_policy``) and adds
   ``GET /extras/kv_stats`` (eviction counters of the loaded model);
@@ -28,7 +28,7 @@ import dataclasses
 import os
 import sys
 import types
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 from unittest import mock
 
 import a2sf  # binds llama_cpp to a2sf's libllama before llama_cpp.server imports it
@@ -46,9 +46,9 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     ) from e
 
 from fastapi import Depends
-from pydantic import Field, model_validator
+from pydantic import Field, create_model, model_validator
 
-from .policies import PolicyKind, make_policy
+from .policies import POLICY_NAMES, SETTINGS, KVPolicy, PolicyKind, policy_from_settings
 
 __all__ = [
     "A2SFModelSettings",
@@ -59,44 +59,21 @@ __all__ = [
     "main",
 ]
 
-# fields of A2SFModelSettings that go to a2sf.Llama as policy arguments
-POLICY_FIELDS = (
-    "kv_policy",
-    "forgetting_factor",
-    "n_sink",
-    "n_recent",
-    "evict_chunk",
-    "value_aware",
-    "kv_seed",
-    "max_positions",
+#: the kv_policy setting's help (its choices: POLICY_NAMES)
+KV_POLICY_HELP = (
+    f"KV-cache eviction policy: {', '.join(POLICY_NAMES)} "
+    "(unset: plain llama.cpp, the cache is limited to n_ctx)."
 )
 
 
-class A2SFModelSettings(ModelSettings):
-    """llama_cpp.server's model settings plus a2sf's KV-cache eviction policy."""
+class _A2SFModelSettingsBase(ModelSettings):
+    """llama_cpp.server's model settings, with a2sf's defaults and checks.
 
-    kv_policy: Optional[str] = Field(
-        default=None,
-        description="KV-cache eviction policy: none, streaming, h2o, tova, a2sf, vatp, random "
-        "(unset: plain llama.cpp, the cache is limited to n_ctx).",
-    )
-    forgetting_factor: Optional[float] = Field(
-        default=None,
-        description="A2SF forgetting factor alpha in [0, 1] (1 = H2O, 0 = TOVA).",
-    )
-    n_sink: Optional[int] = Field(default=None, description="First positions never evicted.")
-    n_recent: Optional[int] = Field(default=None, description="Newest positions never evicted.")
-    evict_chunk: Optional[int] = Field(
-        default=None, description="Extra cells freed per eviction event."
-    )
-    value_aware: Optional[bool] = Field(
-        default=None, description="Weigh attention by the value-vector L1 norm (VATP)."
-    )
-    kv_seed: Optional[int] = Field(default=None, description="Seed of the random policy.")
-    max_positions: Optional[int] = Field(
-        default=None,
-        description="With a policy: longest sequence served (default: the model's training context).",
-    )
+    :data:`A2SFModelSettings` adds one field per row of
+    :data:`a2sf.policies.SETTINGS`.
+    """
+
+    kv_policy: Optional[str] = Field(default=None, description=KV_POLICY_HELP)
     # llama_cpp.server defaults to 512; with a policy the batch must fit beside
     # the protected cells, so a2sf.Llama picks it unless it is given.
     n_batch: Optional[int] = Field(
@@ -121,37 +98,42 @@ class A2SFModelSettings(ModelSettings):
         # Fail at start-up with a clear message, not at the first request.
         if self.kv_policy is not None and self.kv_policy.strip().lower() in ("", "null"):
             self.kv_policy = None
-        make_policy(self.kv_policy, **self._policy_overrides())
+        self.resolved_policy()
         if self.hf_model_repo_id is not None:
             raise ValueError("a2sf.server loads local GGUF files only (no model hub): drop hf_model_repo_id")
         return self
 
-    def _policy_overrides(self) -> Dict[str, Any]:
-        return {
-            "forgetting_factor": self.forgetting_factor,
-            "n_sink": self.n_sink,
-            "n_recent": self.n_recent,
-            "evict_chunk": self.evict_chunk,
-            "value_aware": self.value_aware,
-            "seed": self.kv_seed,
-        }
+    def resolved_policy(self) -> Tuple[Optional[KVPolicy], Dict[str, Any]]:
+        """(policy, Python-only settings) as :func:`a2sf.policies.policy_from_settings` resolves them."""
+        return policy_from_settings(self.kv_policy, **{s.name: getattr(self, s.name) for s in SETTINGS})
 
     def policy_kwargs(self) -> Dict[str, Any]:
         """The keyword arguments of :class:`a2sf.Llama` these settings set."""
-        return {k: getattr(self, k) for k in POLICY_FIELDS if getattr(self, k) is not None}
+        names = ("kv_policy",) + tuple(s.name for s in SETTINGS)
+        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
 
     def policy_summary(self) -> Optional[Dict[str, Any]]:
         """The resolved policy (name and every field), as /v1/models reports it."""
-        policy = make_policy(self.kv_policy, **self._policy_overrides())
+        policy, extras = self.resolved_policy()
         if policy is None:
             return None
         summary: Dict[str, Any] = {"name": type(policy).__name__}
-        for f in dataclasses.fields(policy):
-            value = getattr(policy, f.name)
-            summary[f.name] = int(value) if isinstance(value, PolicyKind) else value
+        summary.update(dataclasses.asdict(policy))
         summary["kind"] = PolicyKind(policy.kind).name.lower()
-        summary["max_positions"] = self.max_positions
+        summary.update({s.name: extras.get(s.name) for s in SETTINGS if s.field is None})
         return summary
+
+
+#: llama_cpp.server's model settings plus a2sf's KV-cache eviction policy: one
+#: optional field per row of a2sf.policies.SETTINGS (None: the policy's value),
+#: validated when the settings are parsed.
+A2SFModelSettings = create_model(
+    "A2SFModelSettings",
+    __base__=_A2SFModelSettingsBase,
+    __module__=__name__,
+    **{s.name: (Optional[s.type], Field(default=None, description=s.help)) for s in SETTINGS},
+)
+A2SFModelSettings.__doc__ = "llama_cpp.server's model settings plus a2sf's KV-cache eviction policy."
 
 
 class A2SFSettings(ServerSettings, A2SFModelSettings):
@@ -240,7 +222,7 @@ async def _kv_stats(
 ) -> Dict[str, Any]:
     """Eviction counters of the model (``kv_stats()``), and the cells it holds now."""
     llama = llama_proxy(model)
-    if not llama._a2sf_active:
+    if not llama.a2sf_active:
         return {"kv_policy": None, "n_tokens": llama.n_tokens}
     return {
         "kv_policy": type(llama.kv_policy).__name__,

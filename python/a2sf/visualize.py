@@ -90,7 +90,7 @@ def trace(
         tokens = [int(t) for t in text]
     if not tokens:
         raise ValueError("the text is empty: nothing to run through the cache")
-    active = bool(getattr(llm, "_a2sf_active", False))
+    active = bool(getattr(llm, "a2sf_active", False))
     if not active and len(tokens) > llm.n_ctx():
         raise ValueError(
             f"{len(tokens)} tokens do not fit in n_ctx={llm.n_ctx()} without a kv_policy; "

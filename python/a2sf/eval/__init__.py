@@ -20,10 +20,12 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from ..policies import POLICY_NAMES
+
 __all__ = ["main", "build_parser"]
 
 DEFAULT_OUT = Path("results") / "eval"
-DEFAULT_POLICIES = ["none", "streaming", "tova", "h2o", "a2sf", "vatp", "random"]
+DEFAULT_POLICIES = list(POLICY_NAMES)
 DEFAULT_ALPHAS = [0.5, 0.8, 0.9, 0.95, 0.99]
 
 

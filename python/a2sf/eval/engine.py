@@ -18,12 +18,12 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from ..llama import Llama
-from ..policies import make_policy
+from ..policies import POLICY_NAMES, make_policy
 
 __all__ = ["CacheConfig", "BudgetRunner", "split_budget", "log_softmax_rows", "EVAL_POLICIES"]
 
 #: policies the harness sweeps ("none" = full cache, the reference)
-EVAL_POLICIES = ("none", "streaming", "tova", "h2o", "a2sf", "vatp", "random")
+EVAL_POLICIES = POLICY_NAMES
 
 
 def split_budget(budget: int) -> Dict[str, int]:
