@@ -58,6 +58,12 @@ int32_t check(int32_t rc, const char * what) {
             throw py::value_error(msg + "sequence id out of range (LLAMA_KV_POLICY_ERR_SEQ)");
         case LLAMA_KV_POLICY_ERR_CAPACITY:
             throw std::runtime_error(msg + "output buffer too small (LLAMA_KV_POLICY_ERR_CAPACITY)");
+        case LLAMA_KV_POLICY_ERR_SHIFT:
+            throw py::value_error(msg + "this model's positions cannot be shifted (learned absolute "
+                                  "positions or multi-position RoPE; LLAMA_KV_POLICY_ERR_SHIFT)");
+        case LLAMA_KV_POLICY_ERR_SHARED:
+            throw py::value_error(msg + "a cell that would move is shared with another sequence "
+                                  "(LLAMA_KV_POLICY_ERR_SHARED)");
         default:
             throw std::runtime_error(msg + "error code " + std::to_string(rc));
     }
@@ -95,6 +101,8 @@ PYBIND11_MODULE(_core, m) {
     m.attr("ERR_MEMORY")   = LLAMA_KV_POLICY_ERR_MEMORY;
     m.attr("ERR_SEQ")      = LLAMA_KV_POLICY_ERR_SEQ;
     m.attr("ERR_CAPACITY") = LLAMA_KV_POLICY_ERR_CAPACITY;
+    m.attr("ERR_SHIFT")    = LLAMA_KV_POLICY_ERR_SHIFT;
+    m.attr("ERR_SHARED")   = LLAMA_KV_POLICY_ERR_SHARED;
 
     m.def("default_params", []() { return params_to_dict(llama_kv_policy_default_params()); },
           "The engine's default policy parameters as a dict.");
@@ -193,6 +201,8 @@ PYBIND11_MODULE(_core, m) {
             d["n_cells_evicted"] = s.n_cells_evicted;
             d["n_cells_used"]    = s.n_cells_used;
             d["t_evict_us"]      = s.t_evict_us;
+            d["n_compactions"]   = s.n_compactions;
+            d["t_compact_us"]    = s.t_compact_us;
             return d;
         },
         py::arg("ctx"), "Eviction statistics of the context.");
@@ -216,4 +226,13 @@ PYBIND11_MODULE(_core, m) {
         },
         py::arg("ctx"), py::arg("seq_id"), py::arg("n_free"),
         "Evict n_free cells of seq_id now by the policy's ranking; returns the number freed.");
+
+    m.def(
+        "compact",
+        [](const py::object & ctx_obj, int32_t seq_id) {
+            return check(llama_kv_policy_compact(as_ctx(ctx_obj), seq_id), "llama_kv_policy_compact");
+        },
+        py::arg("ctx"), py::arg("seq_id") = 0,
+        "Renumber the cells of seq_id to positions 0..n-1 (K re-rotated); returns n, the\n"
+        "position of the sequence's next token.");
 }

@@ -37,6 +37,8 @@ struct llama_kv_policy_stats {
     int64_t n_cells_evicted;  // cells freed by eviction (summed over sequences)
     int64_t n_cells_used;     // cells in use now
     int64_t t_evict_us;       // time spent in eviction (reading scores, choosing, freeing)
+    int64_t n_compactions;    // llama_kv_policy_compact calls that moved a position
+    int64_t t_compact_us;     // time spent in them (renumbering + the K-shift graph)
 };
 
 // error codes returned by the functions below (0 = success)
@@ -44,6 +46,8 @@ struct llama_kv_policy_stats {
 #define LLAMA_KV_POLICY_ERR_MEMORY   (-2) // the context has no plain KV cache (recurrent, iSWA, ...)
 #define LLAMA_KV_POLICY_ERR_SEQ      (-3) // sequence id out of range
 #define LLAMA_KV_POLICY_ERR_CAPACITY (-4) // output buffer too small
+#define LLAMA_KV_POLICY_ERR_SHIFT    (-5) // the model's positions cannot be shifted (learned positions, M-RoPE)
+#define LLAMA_KV_POLICY_ERR_SHARED   (-6) // a cell that would move is shared with another sequence
 
 LLAMA_API struct llama_kv_policy_params llama_kv_policy_default_params(void);
 
@@ -86,6 +90,14 @@ LLAMA_API int32_t llama_kv_policy_evict(struct llama_context * ctx, llama_seq_id
 // evicts exactly as the one that saved it; a state saved under a different kind of
 // policy (scored vs not, value-aware vs not) or another model is refused.
 LLAMA_API const char * llama_kv_policy_state_error(void);
+
+// Position compaction: renumber the cells of seq_id to positions 0..n-1 in position
+// order (sinks first) and re-rotate each cell's K by its change of position (llama.cpp's
+// K-shift, applied before returning). Scores, value norms and cells stay as they are.
+// Returns n, the position the next token of seq_id must take, or a negative error code
+// (ERR_SHIFT for models without RoPE; ERR_SHARED when a cell that would move also holds
+// another sequence: nothing is changed then).
+LLAMA_API int32_t llama_kv_policy_compact(struct llama_context * ctx, llama_seq_id seq_id);
 
 #ifdef __cplusplus
 }

@@ -124,6 +124,8 @@ int32_t llama_kv_policy_get_stats(const struct llama_context * ctx, struct llama
     out->n_evictions     = st.n_evictions;
     out->n_cells_evicted = st.n_cells_evicted;
     out->t_evict_us      = st.t_evict_us;
+    out->n_compactions   = st.n_compactions;
+    out->t_compact_us    = st.t_compact_us;
     out->n_cells_used    = 0;
     if (const llama_kv_cache * kv = llama_kv_score_access::get_kv(lctx)) {
         out->n_cells_used = llama_kv_score_access::n_cells_used(*kv);
@@ -139,6 +141,8 @@ void llama_kv_policy_reset_stats(struct llama_context * ctx) {
     st.n_evictions     = 0;
     st.n_cells_evicted = 0;
     st.t_evict_us      = 0;
+    st.n_compactions   = 0;
+    st.t_compact_us    = 0;
 }
 
 int32_t llama_kv_policy_evict(struct llama_context * ctx, llama_seq_id seq_id, int32_t n_free) {
@@ -146,4 +150,11 @@ int32_t llama_kv_policy_evict(struct llama_context * ctx, llama_seq_id seq_id, i
         return LLAMA_KV_POLICY_ERR_ARG;
     }
     return llama_kv_score_access::evict_seq(*ctx, seq_id, n_free);
+}
+
+int32_t llama_kv_policy_compact(struct llama_context * ctx, llama_seq_id seq_id) {
+    if (ctx == nullptr) {
+        return LLAMA_KV_POLICY_ERR_ARG;
+    }
+    return llama_kv_score_access::compact_seq(*ctx, seq_id);
 }

@@ -27,6 +27,8 @@ struct llama_kv_score_state {
     int64_t n_evictions     = 0;
     int64_t n_cells_evicted = 0;
     int64_t t_evict_us      = 0;
+    int64_t n_compactions   = 0;
+    int64_t t_compact_us    = 0;
 
     std::mt19937 rng{0};
 };
@@ -75,5 +77,6 @@ struct llama_kv_score_access {
     static int32_t                 read_scores(llama_context & lctx, int32_t seq_id, int32_t capacity,
                                                int32_t * pos_out, int32_t * cell_out, float * scores_out);
     static int32_t                 evict_seq(llama_context & lctx, int32_t seq_id, int32_t n_free);
+    static int32_t                 compact_seq(llama_context & lctx, int32_t seq_id); // llama-kv-compact.cpp
     static bool                    valid_seq(const llama_kv_cache & kv, int32_t seq_id);
 };
