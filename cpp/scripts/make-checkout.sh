@@ -2,12 +2,14 @@
 # Create a git checkout of llama.cpp for editing the patch series:
 #   commit 1   = the pristine tree (from the cached llama-cpp-python sdist, or
 #                the tree given with --src)
-#   commit 2.. = one commit per cpp/patches/*.patch, in order (git am)
+#   commit 2.. = one commit per cpp/patches/*.patch, in order (git am -3)
 #
 #   cpp/scripts/make-checkout.sh <new dir> [--src <pristine llama.cpp tree>] [--patches <dir>]
 #
 # Edit there, commit (one commit per patch; amend or rebase -i to change one),
 # then write the series back with cpp/scripts/regen-patches.sh <dir>.
+# A patch that does not apply is merged three-way and left for you to
+# resolve and `git am --continue`; the script prints the steps.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -44,13 +46,20 @@ g commit -q -m "llama.cpp ${commit} (pristine)"
 g tag a2sf-base
 
 shopt -s nullglob
-n=0
-for p in "$patches"/*.patch; do
-    if ! g am -q --keep-cr --whitespace=nowarn "$p"; then
-        g am --abort || true
-        echo "make-checkout.sh: patch $(basename "$p") does not apply" >&2
-        exit 1
-    fi
-    n=$((n + 1))
-done
+series=("$patches"/*.patch)
+n=${#series[@]}
+if [ "$n" -gt 0 ] && ! g am -3 -q --keep-cr --whitespace=nowarn "${series[@]}"; then
+    failed="$(g am --show-current-patch=raw 2>/dev/null | sed -n 's/^Subject: \(\[PATCH[^]]*\] \)\{0,1\}//p' | head -1)"
+    cat >&2 <<MSG
+make-checkout.sh: a patch did not apply${failed:+: $failed}
+$dest = llama.cpp ${commit:0:12} (tagged a2sf-base) + the patches before it;
+git am stopped with the three-way merge's conflicts in the files. To go on:
+  1. resolve:    cd $dest && git status        # fix the conflicted files
+                 git add <files>
+  2. continue:   git am --continue             # commits it, applies the rest
+                 (git am --skip drops the patch, git am --abort stops)
+  3. regenerate: $here/regen-patches.sh $dest $patches
+MSG
+    exit 1
+fi
 echo "make-checkout.sh: $dest = llama.cpp ${commit:0:12} + $n patch(es) (base tagged a2sf-base)"
