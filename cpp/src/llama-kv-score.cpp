@@ -20,8 +20,10 @@
 #include "llama-model.h"
 
 #include "ggml.h"
+#include "ggml-backend.h"
 
 #include <cmath>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -157,6 +159,26 @@ void llama_kv_score_access::alloc_layer(llama_kv_cache & kv, ggml_context * ctx,
 
     ggml_format_name(layer.score, "cache_score_l%d", il);
     ggml_format_name(layer.vnorm, "cache_vnorm_l%d", il);
+}
+
+void llama_kv_score_access::copy_stream(llama_kv_cache & kv, uint32_t ssrc, uint32_t sdst) {
+    GGML_ASSERT(ssrc != sdst);
+    std::vector<uint8_t> buf;
+    for (auto & layer : kv.layers) {
+        // score [kv_size, n_stream], vnorm [n_head_kv, kv_size, n_stream]:
+        // the stream is the outermost dimension, one contiguous slice per stream
+        const std::pair<ggml_tensor *, int> rows[] = { { layer.score, 1 }, { layer.vnorm, 2 } };
+        for (const auto & [t, d] : rows) {
+            if (t == nullptr) {
+                continue;
+            }
+            const size_t nb = t->nb[d];
+            GGML_ASSERT(ssrc < (uint32_t) t->ne[d] && sdst < (uint32_t) t->ne[d]);
+            buf.resize(nb);
+            ggml_backend_tensor_get(t, buf.data(), ssrc*nb, nb);
+            ggml_backend_tensor_set(t, buf.data(), sdst*nb, nb);
+        }
+    }
 }
 
 uint32_t llama_kv_score_access::graph_nodes_per_layer() {

@@ -65,6 +65,10 @@ struct llama_kv_score_access {
     // extra graph nodes per model layer that the scoring ops need
     static uint32_t graph_nodes_per_layer();
 
+    // llama_kv_cache::update, after a cross-stream seq_cp copied the K/V of stream
+    // ssrc into sdst: copy the score and value-norm rows of every layer the same way
+    static void copy_stream(llama_kv_cache & kv, uint32_t ssrc, uint32_t sdst);
+
     // helpers of the C API (llama-kv-policy.cpp)
     static llama_kv_cache        * get_kv(const llama_context & lctx);
     static llama_kv_policy_cfg   & cfg(llama_context & lctx);
