@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from a2sf import Llama
-from a2sf.policies import A2SF, PolicyKind
+from a2sf.policies import A2SF, SETTINGS, KVPolicy, PolicyKind
 
 KEYS = {"kind", "forgetting_factor", "value_aware", "n_sink", "n_recent", "evict_chunk", "seed"}
 
@@ -32,6 +32,15 @@ def test_default_params(core):
     assert set(d) == KEYS
     assert d["kind"] == core.KIND_NONE
     assert 0.0 <= d["forgetting_factor"] <= 1.0
+
+
+def test_default_params_are_the_python_tables(core):
+    """Defaults live once on each side: the C engine's and a2sf.policies.SETTINGS agree."""
+    d = core.default_params()
+    want = {s.native: s.default for s in SETTINGS if s.native is not None}
+    assert set(d) == {"kind"} | set(want)
+    assert {k: d[k] for k in want} == want
+    assert {k: v for k, v in KVPolicy().to_native().items() if k != "kind"} == want
 
 
 @pytest.mark.parametrize("null", [0, None, ctypes.c_void_p()])

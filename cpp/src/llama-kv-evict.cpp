@@ -158,7 +158,8 @@ static int32_t evict_seq_impl(llama_kv_cells_vec & v_cells, std::vector<uint32_t
 
     auto sc = seq_cells(cells, seq_id);
     const int32_t n_cells = (int32_t) sc.size();
-    const int32_t n_keep  = std::min(n_cells, cfg.n_sink) + std::min(std::max(n_cells - cfg.n_sink, 0), cfg.n_recent);
+    const int32_t n_sink  = std::min(n_cells, cfg.params.n_sink);
+    const int32_t n_keep  = n_sink + std::min(n_cells - n_sink, cfg.params.n_recent);
     const int32_t n_cand  = n_cells - n_keep;
 
     n_free = std::min(n_free, n_cand);
@@ -167,9 +168,9 @@ static int32_t evict_seq_impl(llama_kv_cells_vec & v_cells, std::vector<uint32_t
     }
 
     // the candidates: everything between the sinks and the recent window
-    std::vector<kv_cell_rank> cand(sc.begin() + std::min(n_cells, cfg.n_sink), sc.begin() + std::min(n_cells, cfg.n_sink) + n_cand);
+    std::vector<kv_cell_rank> cand(sc.begin() + n_sink, sc.begin() + n_sink + n_cand);
 
-    switch (cfg.kind) {
+    switch (cfg.kind()) {
         case LLAMA_KV_POLICY_SCORE:
             {
                 std::vector<float> total(cells.size(), 0.0f);
@@ -190,7 +191,8 @@ static int32_t evict_seq_impl(llama_kv_cells_vec & v_cells, std::vector<uint32_t
                     c.rank = u(st.rng);
                 }
             } break;
-        default: // streaming: the oldest go first
+        case LLAMA_KV_POLICY_NONE: // never reached: callers return early
+        case LLAMA_KV_POLICY_STREAMING: // the oldest go first
             {
                 for (auto & c : cand) {
                     c.rank = (float) c.pos;
@@ -235,7 +237,7 @@ int32_t llama_kv_score_access::evict_seq(llama_context & lctx, int32_t seq_id, i
         return LLAMA_KV_POLICY_ERR_ARG;
     }
     const auto & c = lctx.cparams.kv_policy;
-    if (c.kind == LLAMA_KV_POLICY_NONE) {
+    if (c.kind() == LLAMA_KV_POLICY_NONE) {
         return 0;
     }
 
@@ -255,7 +257,7 @@ int32_t llama_kv_score_access::evict_seq(llama_context & lctx, int32_t seq_id, i
 
 int32_t llama_kv_score_access::evict_for_batch(llama_context & lctx, const llama_batch_allocr & balloc) {
     const auto & c = lctx.cparams.kv_policy;
-    if (c.kind == LLAMA_KV_POLICY_NONE) {
+    if (c.kind() == LLAMA_KV_POLICY_NONE) {
         return 0;
     }
     llama_kv_cache * kv = get_kv(lctx);
@@ -287,9 +289,9 @@ int32_t llama_kv_score_access::evict_for_batch(llama_context & lctx, const llama
 
     for (const auto & [sid, n] : n_add) {
         const uint32_t strm = stream_of(kv->seq_to_stream, sid);
-        deficit[strm]  += n + c.evict_chunk;
+        deficit[strm]  += n + c.params.evict_chunk;
         short_by[strm] += n;
-        avail[strm]    += std::max(0, n_cells(*kv, sid) - c.n_sink - c.n_recent);
+        avail[strm]    += std::max(0, n_cells(*kv, sid) - c.params.n_sink - c.params.n_recent);
     }
     for (uint32_t s = 0; s < n_stream; ++s) {
         const auto & cells = kv->v_cells[s];
@@ -313,7 +315,7 @@ int32_t llama_kv_score_access::evict_for_batch(llama_context & lctx, const llama
     // each sequence gives up at most what it adds plus the chunk, until its stream fits
     for (const auto & [sid, n] : n_add) {
         const uint32_t strm = stream_of(kv->seq_to_stream, sid);
-        const int64_t want = std::min<int64_t>(deficit[strm], n + c.evict_chunk);
+        const int64_t want = std::min<int64_t>(deficit[strm], n + c.params.evict_chunk);
         if (want <= 0) {
             continue;
         }

@@ -4,23 +4,37 @@
 // it invalidates llama.cpp's graph reuse (llm_graph_params::allow_reuse compares it).
 #pragma once
 
-#include <cstdint>
+#include "llama-kv-policy.h"
+
+// The engine's defaults: what llama_kv_policy_default_params() returns and what a
+// context starts with (kind NONE: vanilla llama.cpp). Python's a2sf.policies.SETTINGS
+// holds the same defaults (tests/test_engine_core.py checks that they agree).
+inline llama_kv_policy_params llama_kv_policy_defaults() {
+    llama_kv_policy_params p = {};
+    p.kind              = LLAMA_KV_POLICY_NONE;
+    p.forgetting_factor = 1.0f; // alpha (1 = H2O)
+    p.value_aware       = false;
+    p.n_sink            = 4;
+    p.n_recent          = 32;
+    p.evict_chunk       = 16;
+    p.seed              = 0;
+    return p;
+}
 
 struct llama_kv_policy_cfg {
-    int32_t  kind              = 0;     // enum llama_kv_policy_kind (0 = none)
-    float    forgetting_factor = 0.95f; // alpha
-    bool     value_aware       = false; // VATP
-    int32_t  n_sink            = 4;
-    int32_t  n_recent          = 32;
-    int32_t  evict_chunk       = 16;
-    uint32_t seed              = 0;
+    // the settings as llama_kv_policy_set accepted them (validated there, kind included)
+    llama_kv_policy_params params = llama_kv_policy_defaults();
+
+    enum llama_kv_policy_kind kind() const { return static_cast<enum llama_kv_policy_kind>(params.kind); }
 
     // the scores are accumulated in the compute graph only for score-ranked policies
-    bool scored() const { return kind == 2; }
+    bool scored() const { return kind() == LLAMA_KV_POLICY_SCORE; }
 
     bool operator==(const llama_kv_policy_cfg & o) const {
-        return kind == o.kind && forgetting_factor == o.forgetting_factor && value_aware == o.value_aware &&
-               n_sink == o.n_sink && n_recent == o.n_recent && evict_chunk == o.evict_chunk && seed == o.seed;
+        const auto & a = params;
+        const auto & b = o.params;
+        return a.kind == b.kind && a.forgetting_factor == b.forgetting_factor && a.value_aware == b.value_aware &&
+               a.n_sink == b.n_sink && a.n_recent == b.n_recent && a.evict_chunk == b.evict_chunk && a.seed == b.seed;
     }
     bool operator!=(const llama_kv_policy_cfg & o) const { return !(*this == o); }
 };

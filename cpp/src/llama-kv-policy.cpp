@@ -11,33 +11,8 @@
 
 #include <cmath>
 
-// the C struct and the internal configuration hold the same fields
-static llama_kv_policy_params params_from_cfg(const llama_kv_policy_cfg & c) {
-    llama_kv_policy_params p;
-    p.kind              = c.kind;
-    p.forgetting_factor = c.forgetting_factor;
-    p.value_aware       = c.value_aware;
-    p.n_sink            = c.n_sink;
-    p.n_recent          = c.n_recent;
-    p.evict_chunk       = c.evict_chunk;
-    p.seed              = c.seed;
-    return p;
-}
-
-static llama_kv_policy_cfg cfg_from_params(const llama_kv_policy_params & p) {
-    llama_kv_policy_cfg c;
-    c.kind              = p.kind;
-    c.forgetting_factor = p.forgetting_factor;
-    c.value_aware       = p.value_aware;
-    c.n_sink            = p.n_sink;
-    c.n_recent          = p.n_recent;
-    c.evict_chunk       = p.evict_chunk;
-    c.seed              = p.seed;
-    return c;
-}
-
 struct llama_kv_policy_params llama_kv_policy_default_params(void) {
-    return params_from_cfg(llama_kv_policy_cfg());
+    return llama_kv_policy_defaults();
 }
 
 int32_t llama_kv_policy_set(struct llama_context * ctx, const struct llama_kv_policy_params * params) {
@@ -60,7 +35,8 @@ int32_t llama_kv_policy_set(struct llama_context * ctx, const struct llama_kv_po
         return LLAMA_KV_POLICY_ERR_MEMORY;
     }
 
-    const llama_kv_policy_cfg c = cfg_from_params(p);
+    llama_kv_policy_cfg c;
+    c.params = p;
 
     auto & cur = llama_kv_score_access::cfg(*ctx);
     if (cur != c) {
@@ -76,7 +52,7 @@ int32_t llama_kv_policy_get(const struct llama_context * ctx, struct llama_kv_po
     if (ctx == nullptr || out == nullptr) {
         return LLAMA_KV_POLICY_ERR_ARG;
     }
-    *out = params_from_cfg(llama_kv_score_access::cfg(const_cast<llama_context &>(*ctx)));
+    *out = llama_kv_score_access::cfg(const_cast<llama_context &>(*ctx)).params;
     return 0;
 }
 

@@ -188,7 +188,7 @@ uint32_t llama_kv_score_access::graph_nodes_per_layer() {
 void llama_kv_score_access::build_store_vnorm(const llm_graph_context & g, const llama_kv_cache_context * mctx,
                                               ggml_tensor * v_cur, ggml_tensor * k_idxs, int il) {
     const auto & cfg = g.cparams.kv_policy;
-    if (!cfg.scored() || !cfg.value_aware || v_cur == nullptr) {
+    if (!cfg.scored() || !cfg.params.value_aware || v_cur == nullptr) {
         return;
     }
 
@@ -283,7 +283,7 @@ void llama_kv_score_access::build_update(const llm_graph_context & g, const llm_
         }
     }
     if (inp_score == nullptr) {
-        auto in = std::make_unique<llm_graph_input_kv_score>(mctx, cfg.forgetting_factor);
+        auto in = std::make_unique<llm_graph_input_kv_score>(mctx, cfg.params.forgetting_factor);
         in->w = ggml_new_tensor_4d(ctx0, GGML_TYPE_F32, n_tps, 1, 1, n_stream);
         in->m = ggml_new_tensor_2d(ctx0, GGML_TYPE_F32, n_kv, n_stream);
         ggml_set_input(in->w);
@@ -293,7 +293,7 @@ void llama_kv_score_access::build_update(const llm_graph_context & g, const llm_
         inp_score = static_cast<llm_graph_input_kv_score *>(g.res->add_input(std::move(in)));
     }
 
-    if (cfg.value_aware) {
+    if (cfg.params.value_aware) {
         // VATP: attention times the L1 norm of the cell's value vector of the head's KV group.
         // head h reads KV head h/n_group, so [n_tps, n_head] regroups as [n_tps*n_group, n_head_kv]
         ggml_tensor * vn = ggml_view_3d(ctx0, layer.vnorm, n_head_kv, n_kv, n_stream,

@@ -52,7 +52,7 @@ uint32_t policy_flags(const llama_kv_policy_cfg & c) {
     uint32_t f = 0;
     if (c.scored()) {
         f |= FLAG_SCORED;
-        if (c.value_aware) {
+        if (c.params.value_aware) {
             f |= FLAG_VALUE_AWARE;
         }
     }
