@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from a2sf import Llama
-from a2sf.llama import _gguf_context_length
+from a2sf._llama.batch import fit_batch
+from a2sf.gguf_header import context_length
 from a2sf.policies import H2O, A2SF, NoEviction, StreamingLLM, TOVA, make_policy
 
 COMMON = dict(n_threads=2, verbose=False)
@@ -65,7 +66,7 @@ def test_process_survives_bad_settings(tiny_f32):
 
 # -- batch fitting (pure Python, no model loaded) --------------------------------
 def fit(path, policy="h2o", **kw):
-    return Llama._a2sf_fit_batch(path, make_policy(policy), kw)
+    return fit_batch(path, make_policy(policy), kw)
 
 
 def test_fit_checks_user_values_only(tiny_f32):
@@ -90,8 +91,8 @@ def test_batch_is_chosen_to_fit(tiny_f32):
 
 
 def test_gguf_context_length(tiny_f32, tmp_path):
-    assert _gguf_context_length(tiny_f32) == 512
-    assert _gguf_context_length(str(tmp_path / "missing.gguf")) is None
+    assert context_length(tiny_f32) == 512
+    assert context_length(str(tmp_path / "missing.gguf")) is None
 
 
 # -- kv_policy=None is llama_cpp.Llama -------------------------------------------
@@ -113,7 +114,7 @@ def test_no_policy_is_the_parent(tiny_f32, policy):
 
 def test_no_policy_keeps_the_parent_limits(tiny_f32):
     llm = Llama(tiny_f32, n_ctx=256, **COMMON)
-    assert llm.kv_policy is None and llm._n_ctx == llm.n_ctx() == 256
+    assert llm.kv_policy is None and llm.context_window == llm._n_ctx == llm.n_ctx() == 256
     assert llm.input_ids.shape == (256,)
     with pytest.raises(ValueError, match="exceed context window"):
         llm.create_completion(list(range(3, 300)), max_tokens=1)
@@ -136,7 +137,9 @@ def test_policy_is_installed(core, tiny_f32):
     assert llm.kv_policy == A2SF(forgetting_factor=0.5, n_recent=16, evict_chunk=8)
     assert core.get_policy(llm._ctx.ctx) == pytest.approx(llm.kv_policy.to_native())
     assert llm.n_batch == 64 and llm.context_params.n_ubatch == 64
-    assert llm._n_ctx == 4096  # the completion API's limit is max_positions
+    assert llm.context_window == 4096  # the completion API's limit is max_positions
+    assert llm._n_ctx == llm.n_ctx() == 256  # the parent's own n_ctx keeps its meaning
+    assert llm.__getstate__()["max_positions"] == 4096
     assert llm.__getstate__()["kv_policy"] == llm.kv_policy
     assert pickle.loads(pickle.dumps(llm.kv_policy)) == llm.kv_policy
 
@@ -144,7 +147,7 @@ def test_policy_is_installed(core, tiny_f32):
 def test_n_ctx_zero_resolves_to_training_context(core, tiny_f32):
     llm = Llama(tiny_f32, n_ctx=0, kv_policy="tova", **COMMON)
     assert llm.n_ctx() == 512 and llm.n_batch == 128
-    assert llm._n_ctx == 512  # max_positions defaults to the training context
+    assert llm.context_window == 512  # max_positions defaults to the training context
 
 
 def _check_invariants(llm, n_ctx=256):
@@ -321,8 +324,18 @@ def test_set_kv_policy(core, tiny_f32):
     llm.eval(list(range(3, 300)) * 2)
     assert llm.kv_stats()["cells_evicted"] > 0
     llm.set_kv_policy(None)
-    assert llm.kv_policy is None and llm.n_tokens == 0 and llm._n_ctx == 256
+    assert llm.kv_policy is None and llm.n_tokens == 0 and llm.context_window == 256
     assert core.get_policy(llm._ctx.ctx)["kind"] == 0
     llm.set_kv_policy(StreamingLLM())
-    assert isinstance(llm.kv_policy, StreamingLLM) and llm._n_ctx == 4096
+    assert isinstance(llm.kv_policy, StreamingLLM) and llm.context_window == 4096
     assert H2O() != TOVA()
+
+
+def test_the_context_window_is_lifted_only_inside_the_completion_api(core, tiny_f32):
+    llm = tiny(tiny_f32, "h2o", max_positions=1024)
+    stream = llm.create_completion(list(range(3, 290)) * 2, max_tokens=4, stream=True, temperature=0.0)
+    next(stream)
+    assert llm._n_ctx == llm.context_window == 1024  # what the parent's completion code checks against
+    list(stream)
+    assert llm._n_ctx == llm.n_ctx() == 256  # and outside it, the parent's own meaning
+    assert len(llm.eval_tokens) == llm.n_tokens > 256  # not cut to n_ctx
