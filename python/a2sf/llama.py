@@ -14,16 +14,22 @@ class then
 
 * picks ``n_batch``/``n_ubatch`` so that a batch always fits beside the
   protected cells (``n_sink + n_recent + n_batch < n_ctx``), and rejects values
-  the caller chose that do not;
+  the caller chose that do not (:mod:`a2sf._llama.batch`);
 * grows ``input_ids`` (and ``scores`` under ``logits_all``) as the sequence
   grows, instead of the parent's fixed ``n_ctx`` rows;
 * lifts the completion API's context-window limit to ``max_positions``
-  (default: the model's training context): prompts longer than ``n_ctx`` are
-  fed in chunks of ``n_batch``, and ``max_tokens=None`` means "until
-  ``max_positions``";
+  (:attr:`Llama.context_window`, default: the model's training context):
+  prompts longer than ``n_ctx`` are fed in chunks of ``n_batch``, and
+  ``max_tokens=None`` means "until ``max_positions``" (both in
+  :mod:`a2sf._llama.growth`);
 * never reuses a cached prefix that eviction has punched holes in: a new
   prompt that does not continue the evaluated tokens, once any of the cells it
-  would keep were evicted, starts from an empty cache.
+  would keep were evicted, starts from an empty cache (:mod:`a2sf._llama.prefix`).
+
+With or without a policy, closed objects and bad input raise Python
+exceptions (:mod:`a2sf._llama.guards`), models with learned positions refuse
+positions past their table (:mod:`a2sf._llama.positions`), and a model file
+llama.cpp refuses is diagnosed (:mod:`a2sf.gguf_header`).
 
 Note: ``logits_all=True`` keeps one row of logits per position ever evaluated
 (n_vocab floats each), so very long generations with it cost memory.
@@ -91,6 +97,9 @@ class Llama(InputGuards, PositionLimit, PrefixReuse, GrowingSequence):
     in :mod:`a2sf._llama`; this class wires the policy to the engine.
     """
 
+    #: the Python-only settings given (e.g. {"max_positions": 4096}), for pickling
+    _a2sf_settings: Dict[str, Any] = {}
+
     def __init__(self, model_path: str, *, kv_policy: Any = None, **kwargs: Any):
         # the policy settings (rows of a2sf.policies.SETTINGS) from the rest
         settings = {k: kwargs.pop(k) for k in list(kwargs) if k in SETTINGS_BY_NAME}
@@ -120,9 +129,6 @@ class Llama(InputGuards, PositionLimit, PrefixReuse, GrowingSequence):
         self._a2sf_max_positions = max_positions
         core.set_policy(self._a2sf_ctx(), **policy.to_native())
         self._a2sf_reserve(self.n_tokens + self.n_batch)
-
-    #: the Python-only settings given (e.g. {"max_positions": 4096}), for pickling
-    _a2sf_settings: Dict[str, Any] = {}
 
     def _a2sf_load(self, model_path: str, kwargs: Dict[str, Any]) -> None:
         """llama_cpp.Llama.__init__, with its load failures explained."""
