@@ -9,7 +9,8 @@ import pytest
 from a2sf import Llama
 from a2sf.policies import A2SF, SETTINGS, KVPolicy, PolicyKind
 
-KEYS = {"kind", "forgetting_factor", "value_aware", "n_sink", "n_recent", "evict_chunk", "seed"}
+KEYS = {"kind", "forgetting_factor", "value_aware", "n_sink", "n_recent", "evict_chunk", "seed",
+        "granularity", "mean_attention"}
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def test_default_params(core):
 def test_default_params_are_the_python_tables(core):
     """Defaults live once on each side: the C engine's and a2sf.policies.SETTINGS agree."""
     d = core.default_params()
-    want = {s.native: s.default for s in SETTINGS if s.native is not None}
+    want = {s.native: s.to_native(s.default) for s in SETTINGS if s.native is not None}
     assert set(d) == {"kind"} | set(want)
     assert {k: d[k] for k in want} == want
     assert {k: v for k, v in KVPolicy().to_native().items() if k != "kind"} == want
@@ -100,7 +101,8 @@ def test_layers_cells_scores_stats(core, llm):
     assert pos.tolist() == list(range(n)) and scores.shape == (2, n)
     assert (scores >= 0).all() and scores.sum() > 0
     s = core.stats(ctx)
-    assert set(s) == {"n_evictions", "n_cells_evicted", "n_cells_used", "t_evict_us"}
+    assert set(s) == {"n_evictions", "n_cells_evicted", "n_cells_used", "t_evict_us", "n_compactions",
+                      "t_compact_us", "n_move_events", "n_bytes_moved", "t_move_us"}
     assert s["n_cells_used"] == n
     freed = core.evict(ctx, 0, 2)
     assert freed == 2 and core.n_cells(ctx, 0) == n - 2

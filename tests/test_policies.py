@@ -49,13 +49,15 @@ def test_every_policy_documents_its_paper():
 
 
 def test_to_native_matches_core_signature():
-    n = A2SF(forgetting_factor=0.5, n_sink=2, n_recent=8, evict_chunk=4, seed=7).to_native()
+    n = A2SF(forgetting_factor=0.5, n_sink=2, n_recent=8, evict_chunk=4, seed=7, granularity="head").to_native()
     assert n == {"kind": 2, "forgetting_factor": 0.5, "value_aware": False, "n_sink": 2,
-                 "n_recent": 8, "evict_chunk": 4, "seed": 7}
+                 "n_recent": 8, "evict_chunk": 4, "seed": 7, "granularity": 2, "mean_attention": False}
     assert all(type(v) in (int, float, bool) for v in n.values())
     assert VATP().to_native()["value_aware"] is True
     assert StreamingLLM().to_native()["kind"] == 1
     assert RandomEviction(seed=3).to_native()["kind"] == 3
+    from a2sf.policies import MeanAttention
+    assert MeanAttention().to_native()["mean_attention"] is True and MeanAttention().forgetting_factor == 1.0
 
 
 def test_frozen_and_replace():
@@ -89,7 +91,7 @@ def test_make_policy_none_instance_class_and_overrides():
     assert make_policy(p, n_sink=2) == H2O(n_recent=8, n_sink=2)
     assert make_policy(TOVA, n_recent=5) == TOVA(n_recent=5)
     assert make_policy("a2sf", forgetting_factor=0.3, n_recent=None).forgetting_factor == 0.3
-    assert set(POLICIES) == {"none", "streaming", "h2o", "tova", "a2sf", "vatp", "random"}
+    assert set(POLICIES) == {"none", "streaming", "h2o", "tova", "a2sf", "vatp", "mean", "random"}
 
 
 @pytest.mark.parametrize("bad", [-0.01, 1.01, math.nan, math.inf, -math.inf])

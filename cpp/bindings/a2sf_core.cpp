@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "llama-kv-policy.h"
 
@@ -61,6 +62,8 @@ int32_t check(int32_t rc, const char * what) {
         case LLAMA_KV_POLICY_ERR_SHIFT:
             throw py::value_error(msg + "this model's positions cannot be shifted (learned absolute "
                                   "positions or multi-position RoPE; LLAMA_KV_POLICY_ERR_SHIFT)");
+        case LLAMA_KV_POLICY_ERR_STATE:
+            throw std::runtime_error(msg + "not possible in the cache's current state (LLAMA_KV_POLICY_ERR_STATE)");
         case LLAMA_KV_POLICY_ERR_SHARED:
             throw py::value_error(msg + "a cell that would move is shared with another sequence "
                                   "(LLAMA_KV_POLICY_ERR_SHARED)");
@@ -78,6 +81,8 @@ py::dict params_to_dict(const llama_kv_policy_params & p) {
     d["n_recent"]          = p.n_recent;
     d["evict_chunk"]       = p.evict_chunk;
     d["seed"]              = p.seed;
+    d["granularity"]       = p.granularity;
+    d["mean_attention"]    = p.mean_attention;
     return d;
 }
 
@@ -103,6 +108,10 @@ PYBIND11_MODULE(_core, m) {
     m.attr("ERR_CAPACITY") = LLAMA_KV_POLICY_ERR_CAPACITY;
     m.attr("ERR_SHIFT")    = LLAMA_KV_POLICY_ERR_SHIFT;
     m.attr("ERR_SHARED")   = LLAMA_KV_POLICY_ERR_SHARED;
+    m.attr("ERR_STATE")    = LLAMA_KV_POLICY_ERR_STATE;
+    m.attr("GRANULARITY_TOKEN") = static_cast<int>(LLAMA_KV_GRANULARITY_TOKEN);
+    m.attr("GRANULARITY_LAYER") = static_cast<int>(LLAMA_KV_GRANULARITY_LAYER);
+    m.attr("GRANULARITY_HEAD")  = static_cast<int>(LLAMA_KV_GRANULARITY_HEAD);
 
     m.def("default_params", []() { return params_to_dict(llama_kv_policy_default_params()); },
           "The engine's default policy parameters as a dict.");
@@ -112,7 +121,8 @@ PYBIND11_MODULE(_core, m) {
     m.def(
         "set_policy",
         [](const py::object & ctx_obj, int kind, double forgetting_factor, bool value_aware,
-           int64_t n_sink, int64_t n_recent, int64_t evict_chunk, int64_t seed) {
+           int64_t n_sink, int64_t n_recent, int64_t evict_chunk, int64_t seed, int granularity,
+           bool mean_attention) {
             llama_context * ctx = as_ctx(ctx_obj);
             if (kind < LLAMA_KV_POLICY_NONE || kind > LLAMA_KV_POLICY_RANDOM) {
                 throw py::value_error("unknown policy kind " + std::to_string(kind));
@@ -127,8 +137,13 @@ PYBIND11_MODULE(_core, m) {
             if (seed < 0 || seed > static_cast<int64_t>(UINT32_MAX)) {
                 throw py::value_error("seed must be in [0, 2^32-1], got " + std::to_string(seed));
             }
+            if (granularity < LLAMA_KV_GRANULARITY_TOKEN || granularity > LLAMA_KV_GRANULARITY_HEAD) {
+                throw py::value_error("unknown granularity " + std::to_string(granularity));
+            }
             llama_kv_policy_params p = llama_kv_policy_default_params();
             p.kind              = kind;
+            p.granularity       = granularity;
+            p.mean_attention    = mean_attention;
             p.forgetting_factor = static_cast<float>(forgetting_factor);
             p.value_aware       = value_aware;
             p.n_sink            = static_cast<int32_t>(n_sink);
@@ -140,8 +155,10 @@ PYBIND11_MODULE(_core, m) {
         py::arg("ctx"), py::arg("kind"), py::arg("forgetting_factor") = dp.forgetting_factor,
         py::arg("value_aware") = dp.value_aware, py::arg("n_sink") = dp.n_sink,
         py::arg("n_recent") = dp.n_recent, py::arg("evict_chunk") = dp.evict_chunk,
-        py::arg("seed") = dp.seed,
-        "Set (or replace) the eviction policy of a context.");
+        py::arg("seed") = dp.seed, py::arg("granularity") = dp.granularity,
+        py::arg("mean_attention") = dp.mean_attention,
+        "Set (or replace) the eviction policy of a context (ValueError for layer/head granularity\n"
+        "on an ALiBi model).");
 
     m.def(
         "get_policy",
@@ -203,6 +220,9 @@ PYBIND11_MODULE(_core, m) {
             d["t_evict_us"]      = s.t_evict_us;
             d["n_compactions"]   = s.n_compactions;
             d["t_compact_us"]    = s.t_compact_us;
+            d["n_move_events"]   = s.n_move_events;
+            d["n_bytes_moved"]   = s.n_bytes_moved;
+            d["t_move_us"]       = s.t_move_us;
             return d;
         },
         py::arg("ctx"), "Eviction statistics of the context.");
@@ -235,4 +255,41 @@ PYBIND11_MODULE(_core, m) {
         py::arg("ctx"), py::arg("seq_id") = 0,
         "Renumber the cells of seq_id to positions 0..n-1 (K re-rotated); returns n, the\n"
         "position of the sequence's next token.");
+
+    m.def(
+        "head_scores",
+        [](const py::object & ctx_obj, int32_t seq_id) {
+            llama_context * ctx = as_ctx(ctx_obj);
+            const int32_t n_layers = std::max<int32_t>(0, llama_kv_policy_n_layers(ctx));
+            const int32_t n_hkv    = std::max<int32_t>(0, llama_kv_policy_n_head_kv(ctx));
+            const int32_t n = check(llama_kv_policy_n_cells(ctx, seq_id), "llama_kv_policy_n_cells");
+            const std::vector<py::ssize_t> shape = { n_layers, n_hkv, n };
+            py::array_t<int32_t> pos(shape);
+            py::array_t<float>   scores(shape);
+            const bool any = n_layers > 0 && n_hkv > 0;
+            const int32_t got = check(
+                llama_kv_policy_head_scores(ctx, seq_id, n, any ? pos.mutable_data() : nullptr,
+                                            any ? scores.mutable_data() : nullptr),
+                "llama_kv_policy_head_scores");
+            if (got != n) {
+                throw std::runtime_error("llama_kv_policy_head_scores: wrote " + std::to_string(got) +
+                                         " cells, expected " + std::to_string(n));
+            }
+            return py::make_tuple(pos, scores);
+        },
+        py::arg("ctx"), py::arg("seq_id") = 0,
+        "(positions int32[n_layers, n_head_kv, n], scores float32[n_layers, n_head_kv, n]): what each\n"
+        "(layer, KV head) holds in each cell of seq_id (cells in the order of scores()).");
+
+    m.def(
+        "compress",
+        [](const py::object & ctx_obj, int32_t seq_id, int64_t n_keep) {
+            llama_context * ctx = as_ctx(ctx_obj);
+            check_nonneg(n_keep, "n_keep");
+            return check(llama_kv_policy_compress(ctx, seq_id, static_cast<int32_t>(n_keep)),
+                         "llama_kv_policy_compress");
+        },
+        py::arg("ctx"), py::arg("seq_id"), py::arg("n_keep"),
+        "Evict seq_id down to n_keep cells by the policy (its granularity) and move the kept cells\n"
+        "to the front of the cache; returns the cells it holds.");
 }

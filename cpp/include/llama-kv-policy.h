@@ -22,6 +22,17 @@ enum llama_kv_policy_kind {
     LLAMA_KV_POLICY_RANDOM    = 3, // random eviction among unprotected cells (evaluation baseline)
 };
 
+// Which unit keeps its own tokens when a score-ranked policy evicts. Eviction always
+// frees whole cells; with LAYER / HEAD each unit picks its own victims, one common set
+// of cells is freed, and each unit's kept tokens in that set move into its own holes
+// (per-head rows of K and V, and their scores), so every unit still occupies the same
+// cells and llama.cpp's single KQ mask stays valid.
+enum llama_kv_granularity {
+    LLAMA_KV_GRANULARITY_TOKEN = 0, // a cell is one token for all layers and heads: rank by the score summed over them
+    LLAMA_KV_GRANULARITY_LAYER = 1, // each layer keeps its own tokens (score summed over the layer's KV heads)
+    LLAMA_KV_GRANULARITY_HEAD  = 2, // each (layer, KV head) keeps its own tokens
+};
+
 struct llama_kv_policy_params {
     int32_t  kind;              // enum llama_kv_policy_kind
     float    forgetting_factor; // alpha in [0, 1]: S <- alpha*S + attention row (1 = H2O, 0 = TOVA)
@@ -30,6 +41,8 @@ struct llama_kv_policy_params {
     int32_t  n_recent;          // newest positions of each sequence that are never evicted
     int32_t  evict_chunk;       // extra cells freed per eviction event (amortises its cost)
     uint32_t seed;              // RNG seed of the random policy
+    int32_t  granularity;       // enum llama_kv_granularity (score-ranked policies)
+    bool     mean_attention;    // rank by accumulated attention / queries that saw the token (kvpress ObservedAttention)
 };
 
 struct llama_kv_policy_stats {
@@ -39,6 +52,9 @@ struct llama_kv_policy_stats {
     int64_t t_evict_us;       // time spent in eviction (reading scores, choosing, freeing)
     int64_t n_compactions;    // llama_kv_policy_compact calls that moved a position
     int64_t t_compact_us;     // time spent in them (renumbering + the K-shift graph)
+    int64_t n_move_events;    // granularity LAYER/HEAD and compression: graphs that moved K/V rows
+    int64_t n_bytes_moved;    // K + V bytes they moved
+    int64_t t_move_us;        // time spent in them (included in t_evict_us when eviction moved)
 };
 
 // error codes returned by the functions below (0 = success)
@@ -48,6 +64,7 @@ struct llama_kv_policy_stats {
 #define LLAMA_KV_POLICY_ERR_CAPACITY (-4) // output buffer too small
 #define LLAMA_KV_POLICY_ERR_SHIFT    (-5) // the model's positions cannot be shifted (learned positions, M-RoPE)
 #define LLAMA_KV_POLICY_ERR_SHARED   (-6) // a cell that would move is shared with another sequence
+#define LLAMA_KV_POLICY_ERR_STATE    (-7) // not possible in the cache's current state (see the function)
 
 LLAMA_API struct llama_kv_policy_params llama_kv_policy_default_params(void);
 
@@ -76,6 +93,28 @@ LLAMA_API int32_t llama_kv_policy_scores(
 
 LLAMA_API int32_t llama_kv_policy_get_stats(const struct llama_context * ctx, struct llama_kv_policy_stats * out);
 LLAMA_API void    llama_kv_policy_reset_stats(struct llama_context * ctx);
+
+// Number of KV heads of the scored layers (the largest, if they differ).
+LLAMA_API int32_t llama_kv_policy_n_head_kv(const struct llama_context * ctx);
+
+// Per (scored layer, KV head): the position of the token each holds in each cell of seq_id
+// (cells ordered as llama_kv_policy_scores orders them) and its score, laid out
+// [n_layers][n_head_kv][n_cells]. With granularity TOKEN every head of a cell holds the
+// cell's token; LAYER / HEAD move tokens between cells. Returns the number of cells, or
+// a negative error code. Any pointer may be NULL.
+LLAMA_API int32_t llama_kv_policy_head_scores(
+        struct llama_context * ctx,
+        llama_seq_id           seq_id,
+        int32_t                capacity,
+        llama_pos            * pos_out,
+        float                * scores_out);
+
+// Prompt compression: evict seq_id down to n_keep cells by the policy's ranking (its
+// granularity), then move the kept cells to the front of the cache (cells [0, n) of the
+// stream, order kept) so that decoding attends over n cells, not the whole prompt.
+// Returns the number of cells the sequence holds, or a negative error code (ERR_STATE:
+// other sequences hold cells of the same stream, which the move would have to respect).
+LLAMA_API int32_t llama_kv_policy_compress(struct llama_context * ctx, llama_seq_id seq_id, int32_t n_keep);
 
 // Evict now, as decode does when the cache is full: free n_free cells (plus nothing
 // more) from seq_id by the policy's ranking. Returns the number of cells freed, or

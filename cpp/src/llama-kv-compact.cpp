@@ -43,6 +43,13 @@ int32_t llama_kv_score_access::compact_seq(llama_context & lctx, int32_t seq_id)
     const uint32_t strm = kv->seq_to_stream.empty() ? 0 : kv->seq_to_stream[seq_id];
     auto & cells = kv->v_cells[strm];
 
+    // after layer/head granularity moved tokens, a cell holds tokens of different
+    // positions per head: one shift per cell cannot renumber them
+    llama_kv_units & u = kv->a2sf_units;
+    if (u.allocated() && u.diverged[strm]) {
+        return LLAMA_KV_POLICY_ERR_STATE;
+    }
+
     // the sequence's cells in position order
     std::vector<std::pair<llama_pos, uint32_t>> order;
     for (uint32_t c = 0; c < cells.size(); ++c) {
@@ -72,6 +79,11 @@ int32_t llama_kv_score_access::compact_seq(llama_context & lctx, int32_t seq_id)
         if (d != 0) {
             cells.pos_add(order[i].second, d);
             moved = true;
+            if (u.allocated()) {
+                for (uint32_t k = 0; k < u.n_units(); ++k) {
+                    u.pos[u.at(strm, k, order[i].second)] += d;
+                }
+            }
         }
     }
 

@@ -1,10 +1,15 @@
 // a2sf: eviction of the lowest-ranked cells when a batch finds no free KV slot.
 //
-// Cells hold one token for all layers and heads, so a cell's rank is its score
-// summed over the scored layers (or its position for StreamingLLM, or a random
-// number for the random baseline). The n_sink lowest and the n_recent highest
-// positions of a sequence are never evicted. Evicting a cell only frees it: K/V
-// stay where they are and no position is shifted.
+// Two steps. Ranking: each group of (layer, KV head) units that keeps the same
+// tokens (all of them for granularity TOKEN and the unscored policies, a layer
+// for LAYER, a head for HEAD) ranks its candidates -- by score summed over the
+// group (divided by the queries that saw the token for mean attention), by
+// position (StreamingLLM) or at random -- and names its victims. The n_sink
+// oldest and n_recent newest tokens of a sequence are never candidates.
+// Freeing: one set of cells is freed for all units; with several groups each
+// group's kept tokens in that set first move into its own victims' cells
+// (llama-kv-move.cpp), so every unit occupies the same cells again and
+// llama.cpp's one KQ mask stays valid. No position is shifted.
 
 #include "llama-kv-score.h"
 
@@ -105,11 +110,11 @@ static std::vector<kv_cell_rank> seq_cells(const llama_kv_cells & cells, llama_s
     return res;
 }
 
-// one stream's scores of every scored layer, copied from wherever the layer lives
+// one stream's scores of a scored layer, copied from wherever the layer lives:
+// F32 [kv_size, n_head_kv] (head h of cell c at h*kv_size + c)
 static std::vector<float> read_layer_scores(ggml_tensor * score, uint32_t strm) {
-    const int64_t kv_size = score->ne[0];
-    std::vector<float> res(kv_size);
-    ggml_backend_tensor_get(score, res.data(), strm*score->nb[1], kv_size*sizeof(float));
+    std::vector<float> res(score->ne[0]*score->ne[1]);
+    ggml_backend_tensor_get(score, res.data(), strm*score->nb[2], res.size()*sizeof(float));
     return res;
 }
 
@@ -138,11 +143,17 @@ int32_t llama_kv_score_access::read_scores(llama_context & lctx, int32_t seq_id,
     }
 
     if (scores_out) {
+        // a cell's score in a layer: summed over the layer's KV heads
         const auto layers = scored_layers(*kv);
         for (size_t il = 0; il < layers.size(); ++il) {
             const auto s = read_layer_scores(layers[il], strm);
+            const int64_t kv_size = layers[il]->ne[0];
             for (int32_t i = 0; i < n; ++i) {
-                scores_out[il*n + i] = s[sc[i].cell];
+                float t = 0.0f;
+                for (int64_t h = 0; h < layers[il]->ne[1]; ++h) {
+                    t += s[h*kv_size + sc[i].cell];
+                }
+                scores_out[il*n + i] = t;
             }
         }
     }
@@ -150,64 +161,218 @@ int32_t llama_kv_score_access::read_scores(llama_context & lctx, int32_t seq_id,
     return n;
 }
 
-// Free up to n_free cells of seq_id by the policy's ranking. Returns the number freed.
-static int32_t evict_seq_impl(llama_kv_cells_vec & v_cells, std::vector<uint32_t> & v_heads,
-                              const std::vector<ggml_tensor *> & scores, const llama_kv_policy_cfg & cfg,
-                              llama_kv_score_state & st, uint32_t strm, llama_seq_id seq_id, int32_t n_free) {
-    auto & cells = v_cells[strm];
+namespace {
 
-    auto sc = seq_cells(cells, seq_id);
+// Ranking: which cells each unit group would give up. A group is the set of
+// (layer, KV head) units that keep the same tokens: all of them (granularity
+// TOKEN, and every policy without scores), one layer (LAYER), one head (HEAD).
+struct evict_ranking {
+    std::vector<std::vector<uint32_t>> units;   // per group: unit indices (layer*n_head_kv + head)
+    std::vector<std::vector<uint32_t>> victims; // per group: n_free cells, lowest rank first
+};
+
+// the score of a cell for a group of units (summed), / the queries that saw it for mean attention
+float group_rank(const std::vector<std::vector<float>> & scores, const std::vector<uint32_t> & group,
+                 uint32_t n_head_kv, uint32_t kv_size, uint32_t cell, double n_seen) {
+    double t = 0.0;
+    for (uint32_t k : group) {
+        const uint32_t il = k/n_head_kv;
+        const uint32_t h  = k%n_head_kv;
+        if (h*kv_size + cell < scores[il].size()) {
+            t += scores[il][h*kv_size + cell];
+        }
+    }
+    return (float) (n_seen > 0.0 ? t/n_seen : t);
+}
+
+} // namespace
+
+// Free up to n_free cells of seq_id by the policy's ranking (see evict_ranking).
+// Returns the number freed.
+int32_t llama_kv_score_access::evict_seq_impl(llama_context & lctx, llama_kv_cache & kv, const llama_kv_policy_cfg & cfg,
+                                              llama_kv_score_state & st, uint32_t strm, int32_t seq_id, int32_t n_free) {
+    auto & cells = kv.v_cells[strm];
+
+    const auto sc = seq_cells(cells, seq_id);
     const int32_t n_cells = (int32_t) sc.size();
-    const int32_t n_sink  = std::min(n_cells, cfg.params.n_sink);
-    const int32_t n_keep  = n_sink + std::min(n_cells - n_sink, cfg.params.n_recent);
-    const int32_t n_cand  = n_cells - n_keep;
 
-    n_free = std::min(n_free, n_cand);
+    const bool scored = cfg.kind() == LLAMA_KV_POLICY_SCORE;
+    const auto gran   = scored ? cfg.granularity() : LLAMA_KV_GRANULARITY_TOKEN;
+
+    llama_kv_units & u = llama_kv_score_access::units(kv, cfg.tracks_units());
+    const bool use_map = u.allocated() && gran != LLAMA_KV_GRANULARITY_TOKEN;
+
+    // groups of units that keep the same tokens; unit k = layer*nh + head
+    const uint32_t nh      = std::max<int32_t>(1, llama_kv_score_access::n_head_kv(kv));
+    const uint32_t n_units = (uint32_t) llama_kv_score_access::n_scored_layers(kv)*nh;
+    evict_ranking r;
+    if (!use_map) {
+        r.units.emplace_back();
+        for (uint32_t k = 0; k < n_units; ++k) {
+            r.units.back().push_back(k);
+        }
+    } else if (gran == LLAMA_KV_GRANULARITY_LAYER) {
+        for (uint32_t il = 0; il < u.n_layer; ++il) {
+            r.units.emplace_back();
+            for (uint32_t h = 0; h < nh; ++h) {
+                r.units.back().push_back(il*nh + h);
+            }
+        }
+    } else {
+        for (uint32_t k = 0; k < n_units; ++k) {
+            r.units.push_back({ k });
+        }
+    }
+
+    // moving tokens between cells would overwrite K/V that other sequences read:
+    // with per-group selection, cells shared with another sequence stay where they are
+    std::vector<uint8_t> shared(cells.size(), 0);
+    if (r.units.size() > 1) {
+        for (const auto & c : sc) {
+            shared[c.cell] = cells.seq_count(c.cell) > 1;
+        }
+    }
+
+    std::vector<std::vector<float>> scores;
+    if (scored) {
+        for (ggml_tensor * s : llama_kv_score_access::scored_layers(kv)) {
+            scores.push_back(read_layer_scores(s, strm));
+        }
+    }
+    const uint32_t kv_size = (uint32_t) cells.size();
+    const int64_t  n_q     = u.allocated() && u.n_queries.count(seq_id) ? u.n_queries.at(seq_id) : 0;
+
+    // each group: its candidates (everything but its n_sink oldest and n_recent newest
+    // tokens, and shared cells), ranked
+    std::vector<std::vector<kv_cell_rank>> cand(r.units.size());
+    for (size_t g = 0; g < r.units.size(); ++g) {
+        std::vector<kv_cell_rank> mine = sc;
+        if (use_map) {
+            const uint32_t k0 = r.units[g][0];
+            for (auto & c : mine) {
+                c.pos = u.pos[u.at(strm, k0, c.cell)];
+            }
+            std::sort(mine.begin(), mine.end(), [](const kv_cell_rank & a, const kv_cell_rank & b) { return a.pos < b.pos; });
+        }
+        const int32_t n_sink = std::min(n_cells, cfg.params.n_sink);
+        const int32_t n_keep = n_sink + std::min(n_cells - n_sink, cfg.params.n_recent);
+        for (int32_t i = n_sink; i < n_cells - (n_keep - n_sink); ++i) {
+            if (!shared[mine[i].cell]) {
+                cand[g].push_back(mine[i]);
+            }
+        }
+        n_free = std::min<int32_t>(n_free, (int32_t) cand[g].size());
+    }
     if (n_free <= 0) {
         return 0;
     }
 
-    // the candidates: everything between the sinks and the recent window
-    std::vector<kv_cell_rank> cand(sc.begin() + n_sink, sc.begin() + n_sink + n_cand);
-
-    switch (cfg.kind()) {
-        case LLAMA_KV_POLICY_SCORE:
-            {
-                std::vector<float> total(cells.size(), 0.0f);
-                for (ggml_tensor * score : scores) {
-                    const auto s = read_layer_scores(score, strm);
-                    for (auto & c : cand) {
-                        total[c.cell] += s[c.cell];
+    for (size_t g = 0; g < r.units.size(); ++g) {
+        auto & cg = cand[g];
+        switch (cfg.kind()) {
+            case LLAMA_KV_POLICY_SCORE:
+                {
+                    const auto & grp = r.units[g];
+                    for (auto & c : cg) {
+                        double n_seen = 0.0;
+                        if (cfg.params.mean_attention && u.allocated() && !grp.empty()) {
+                            n_seen = std::max<double>(1.0, (double) (n_q - u.born[u.at(strm, grp[0], c.cell)]));
+                        }
+                        c.rank = group_rank(scores, grp, nh, kv_size, c.cell, n_seen);
                     }
-                }
-                for (auto & c : cand) {
-                    c.rank = total[c.cell];
-                }
-            } break;
-        case LLAMA_KV_POLICY_RANDOM:
-            {
-                std::uniform_real_distribution<float> u(0.0f, 1.0f);
-                for (auto & c : cand) {
-                    c.rank = u(st.rng);
-                }
-            } break;
-        case LLAMA_KV_POLICY_NONE: // never reached: callers return early
-        case LLAMA_KV_POLICY_STREAMING: // the oldest go first
-            {
-                for (auto & c : cand) {
-                    c.rank = (float) c.pos;
-                }
-            } break;
+                } break;
+            case LLAMA_KV_POLICY_RANDOM:
+                {
+                    std::uniform_real_distribution<float> dist(0.0f, 1.0f);
+                    for (auto & c : cg) {
+                        c.rank = dist(st.rng);
+                    }
+                } break;
+            case LLAMA_KV_POLICY_NONE: // never reached: callers return early
+            case LLAMA_KV_POLICY_STREAMING: // the oldest go first
+                {
+                    for (auto & c : cg) {
+                        c.rank = (float) c.pos;
+                    }
+                } break;
+        }
+        // lowest rank first; ties go to the older token
+        std::stable_sort(cg.begin(), cg.end(), [](const kv_cell_rank & a, const kv_cell_rank & b) {
+            return a.rank < b.rank || (a.rank == b.rank && a.pos < b.pos);
+        });
+        r.victims.emplace_back();
+        for (int32_t i = 0; i < n_free; ++i) {
+            r.victims.back().push_back(cg[i].cell);
+        }
     }
 
-    // lowest rank first; ties go to the older token
-    std::stable_sort(cand.begin(), cand.end(), [](const kv_cell_rank & a, const kv_cell_rank & b) {
-        return a.rank < b.rank || (a.rank == b.rank && a.pos < b.pos);
-    });
+    // Freeing: one common set F of n_free cells. With one group F is its victims.
+    // Otherwise F is the candidate cells most groups want to drop, and each group's
+    // kept tokens inside F move into its own victims' cells outside F.
+    std::vector<uint32_t> freed;
+    if (r.victims.size() == 1) {
+        freed = r.victims[0];
+    } else {
+        std::vector<int32_t> votes(kv_size, 0);
+        for (const auto & v : r.victims) {
+            for (uint32_t c : v) {
+                votes[c]++;
+            }
+        }
+        std::vector<kv_cell_rank> pool = cand[0]; // the same cells for every group
+        std::stable_sort(pool.begin(), pool.end(), [&](const kv_cell_rank & a, const kv_cell_rank & b) {
+            return votes[a.cell] > votes[b.cell] || (votes[a.cell] == votes[b.cell] && a.cell < b.cell);
+        });
+        std::vector<uint8_t> in_f(kv_size, 0);
+        for (int32_t i = 0; i < n_free; ++i) {
+            freed.push_back(pool[i].cell);
+            in_f[pool[i].cell] = 1;
+        }
 
-    uint32_t & head = v_heads[strm];
-    for (int32_t i = 0; i < n_free; ++i) {
-        const uint32_t c = cand[i].cell;
+        std::vector<std::vector<std::pair<uint32_t, uint32_t>>> moves(n_units);
+        bool any = false;
+        for (size_t g = 0; g < r.victims.size(); ++g) {
+            std::vector<uint8_t> victim(kv_size, 0);
+            std::vector<uint32_t> holes;
+            for (uint32_t c : r.victims[g]) {
+                victim[c] = 1;
+                if (!in_f[c]) {
+                    holes.push_back(c);
+                }
+            }
+            std::vector<uint32_t> srcs;
+            for (uint32_t c : freed) {
+                if (!victim[c]) {
+                    srcs.push_back(c);
+                }
+            }
+            GGML_ASSERT(srcs.size() == holes.size());
+            std::sort(holes.begin(), holes.end());
+            std::sort(srcs.begin(), srcs.end());
+            for (uint32_t k : r.units[g]) {
+                for (size_t i = 0; i < srcs.size(); ++i) {
+                    moves[k].push_back({ srcs[i], holes[i] });
+                    any = true;
+                }
+            }
+        }
+        if (any) {
+            if (!llama_kv_score_access::move_unit_rows(lctx, kv, strm, moves)) {
+                LLAMA_LOG_ERROR("%s: moving the kept tokens of a layer/head failed; nothing evicted\n", __func__);
+                return 0;
+            }
+            for (uint32_t k = 0; k < n_units; ++k) {
+                for (const auto & [src, dst] : moves[k]) {
+                    u.pos[u.at(strm, k, dst)]  = u.pos[u.at(strm, k, src)];
+                    u.born[u.at(strm, k, dst)] = u.born[u.at(strm, k, src)];
+                }
+            }
+            u.diverged[strm] = 1;
+        }
+    }
+
+    uint32_t & head = kv.v_heads[strm];
+    for (uint32_t c : freed) {
         if (cells.seq_rm(c, seq_id) && c < head) {
             head = c;
         }
@@ -245,11 +410,8 @@ int32_t llama_kv_score_access::evict_seq(llama_context & lctx, int32_t seq_id, i
 
     const int64_t t0 = ggml_time_us();
 
-    const std::vector<ggml_tensor *> scores = scored_layers(*kv);
-
     auto & st = lctx.kv_score;
-    const int32_t n = evict_seq_impl(kv->v_cells, kv->v_heads, scores, c, st,
-                                     stream_of(kv->seq_to_stream, seq_id), seq_id, n_free);
+    const int32_t n = evict_seq_impl(lctx, *kv, c, st, stream_of(kv->seq_to_stream, seq_id), seq_id, n_free);
     record_eviction(st, n, t0);
 
     return n;
@@ -307,8 +469,6 @@ int32_t llama_kv_score_access::evict_for_batch(llama_context & lctx, const llama
 
     lctx.synchronize();
 
-    const std::vector<ggml_tensor *> scores = scored_layers(*kv);
-
     auto & st = lctx.kv_score;
     int32_t n_freed = 0;
 
@@ -319,7 +479,7 @@ int32_t llama_kv_score_access::evict_for_batch(llama_context & lctx, const llama
         if (want <= 0) {
             continue;
         }
-        const int32_t got = evict_seq_impl(kv->v_cells, kv->v_heads, scores, c, st, strm, sid, (int32_t) want);
+        const int32_t got = evict_seq_impl(lctx, *kv, c, st, strm, sid, (int32_t) want);
         deficit[strm] -= got;
         n_freed += got;
     }

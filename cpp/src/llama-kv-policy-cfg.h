@@ -18,6 +18,8 @@ inline llama_kv_policy_params llama_kv_policy_defaults() {
     p.n_recent          = 32;
     p.evict_chunk       = 16;
     p.seed              = 0;
+    p.granularity       = LLAMA_KV_GRANULARITY_TOKEN;
+    p.mean_attention    = false;
     return p;
 }
 
@@ -27,14 +29,20 @@ struct llama_kv_policy_cfg {
 
     enum llama_kv_policy_kind kind() const { return static_cast<enum llama_kv_policy_kind>(params.kind); }
 
+    enum llama_kv_granularity granularity() const { return static_cast<enum llama_kv_granularity>(params.granularity); }
+
     // the scores are accumulated in the compute graph only for score-ranked policies
     bool scored() const { return kind() == LLAMA_KV_POLICY_SCORE; }
+
+    // the engine tracks what each (layer, head) holds in each cell (llama_kv_units)
+    bool tracks_units() const { return scored() && (granularity() != LLAMA_KV_GRANULARITY_TOKEN || params.mean_attention); }
 
     bool operator==(const llama_kv_policy_cfg & o) const {
         const auto & a = params;
         const auto & b = o.params;
         return a.kind == b.kind && a.forgetting_factor == b.forgetting_factor && a.value_aware == b.value_aware &&
-               a.n_sink == b.n_sink && a.n_recent == b.n_recent && a.evict_chunk == b.evict_chunk && a.seed == b.seed;
+               a.n_sink == b.n_sink && a.n_recent == b.n_recent && a.evict_chunk == b.evict_chunk && a.seed == b.seed &&
+               a.granularity == b.granularity && a.mean_attention == b.mean_attention;
     }
     bool operator!=(const llama_kv_policy_cfg & o) const { return !(*this == o); }
 };

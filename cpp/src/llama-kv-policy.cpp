@@ -29,6 +29,9 @@ int32_t llama_kv_policy_set(struct llama_context * ctx, const struct llama_kv_po
     if (p.n_sink < 0 || p.n_recent < 0 || p.evict_chunk < 0) {
         return LLAMA_KV_POLICY_ERR_ARG;
     }
+    if (p.granularity < LLAMA_KV_GRANULARITY_TOKEN || p.granularity > LLAMA_KV_GRANULARITY_HEAD) {
+        return LLAMA_KV_POLICY_ERR_ARG;
+    }
 
     llama_kv_cache * kv = llama_kv_score_access::get_kv(*ctx);
     if (p.kind != LLAMA_KV_POLICY_NONE && kv == nullptr) {
@@ -38,7 +41,19 @@ int32_t llama_kv_policy_set(struct llama_context * ctx, const struct llama_kv_po
     llama_kv_policy_cfg c;
     c.params = p;
 
+    // ALiBi biases attention by the distance of the cell's position: tokens moved into
+    // other cells would keep the wrong bias (layer/head granularity is refused there)
+    if (kv && c.scored() && c.granularity() != LLAMA_KV_GRANULARITY_TOKEN &&
+        llama_kv_score_access::uses_alibi(*ctx)) {
+        return LLAMA_KV_POLICY_ERR_ARG;
+    }
+
     auto & cur = llama_kv_score_access::cfg(*ctx);
+    // the unit map records writes only while a policy tracks it: a map kept across a
+    // policy that did not track it would miss the cells written meanwhile
+    if (kv && c.tracks_units() && !cur.tracks_units()) {
+        llama_kv_score_access::reset_units(*kv);
+    }
     if (cur != c) {
         cur = c;
         llama_kv_score_access::invalidate_graphs(*ctx);
@@ -102,6 +117,9 @@ int32_t llama_kv_policy_get_stats(const struct llama_context * ctx, struct llama
     out->t_evict_us      = st.t_evict_us;
     out->n_compactions   = st.n_compactions;
     out->t_compact_us    = st.t_compact_us;
+    out->n_move_events   = st.n_move_events;
+    out->n_bytes_moved   = st.n_bytes_moved;
+    out->t_move_us       = st.t_move_us;
     out->n_cells_used    = 0;
     if (const llama_kv_cache * kv = llama_kv_score_access::get_kv(lctx)) {
         out->n_cells_used = llama_kv_score_access::n_cells_used(*kv);
@@ -119,6 +137,9 @@ void llama_kv_policy_reset_stats(struct llama_context * ctx) {
     st.t_evict_us      = 0;
     st.n_compactions   = 0;
     st.t_compact_us    = 0;
+    st.n_move_events   = 0;
+    st.n_bytes_moved   = 0;
+    st.t_move_us       = 0;
 }
 
 int32_t llama_kv_policy_evict(struct llama_context * ctx, llama_seq_id seq_id, int32_t n_free) {
@@ -133,4 +154,27 @@ int32_t llama_kv_policy_compact(struct llama_context * ctx, llama_seq_id seq_id)
         return LLAMA_KV_POLICY_ERR_ARG;
     }
     return llama_kv_score_access::compact_seq(*ctx, seq_id);
+}
+
+int32_t llama_kv_policy_n_head_kv(const struct llama_context * ctx) {
+    if (ctx == nullptr) {
+        return LLAMA_KV_POLICY_ERR_ARG;
+    }
+    const llama_kv_cache * kv = llama_kv_score_access::get_kv(*ctx);
+    return kv ? llama_kv_score_access::n_head_kv(*kv) : 0;
+}
+
+int32_t llama_kv_policy_head_scores(struct llama_context * ctx, llama_seq_id seq_id, int32_t capacity,
+                                    llama_pos * pos_out, float * scores_out) {
+    if (ctx == nullptr || capacity < 0) {
+        return LLAMA_KV_POLICY_ERR_ARG;
+    }
+    return llama_kv_score_access::head_scores(*ctx, seq_id, capacity, pos_out, scores_out);
+}
+
+int32_t llama_kv_policy_compress(struct llama_context * ctx, llama_seq_id seq_id, int32_t n_keep) {
+    if (ctx == nullptr || n_keep < 0) {
+        return LLAMA_KV_POLICY_ERR_ARG;
+    }
+    return llama_kv_score_access::compress_seq(*ctx, seq_id, n_keep);
 }

@@ -31,10 +31,10 @@ namespace {
 // The host-side inputs of the scoring ops; one per graph, shared by every layer.
 class llm_graph_input_kv_score : public llm_graph_input_i {
 public:
-    llm_graph_input_kv_score(const llama_kv_cache_context * mctx, float alpha) : mctx(mctx), alpha(alpha) {}
+    llm_graph_input_kv_score(const llama_kv_cache_context * mctx, const llama_kv_policy_cfg & cfg) : mctx(mctx), cfg(cfg) {}
 
     void set_input(const llama_ubatch * ubatch) override {
-        llama_kv_score_access::set_score_inputs(mctx, ubatch, alpha, w, m);
+        llama_kv_score_access::set_score_inputs(mctx, ubatch, cfg, w, m);
     }
 
     bool can_reuse(const llm_graph_params & params) override {
@@ -48,7 +48,7 @@ public:
     ggml_tensor * m = nullptr; // F32 [n_kv, n_stream]: decay of each cell's old score
 
     const llama_kv_cache_context * mctx;
-    const float alpha;
+    const llama_kv_policy_cfg cfg; // the graph was built for it (graph reuse compares it)
 };
 
 // In the non-flash-attention path llama.cpp already materialises the softmax
@@ -75,7 +75,8 @@ ggml_tensor * find_soft_max(ggml_tensor * t, int depth) {
 } // namespace
 
 void llama_kv_score_access::set_score_inputs(const llama_kv_cache_context * mctx, const llama_ubatch * ubatch,
-                                             float alpha, ggml_tensor * w, ggml_tensor * m) {
+                                             const llama_kv_policy_cfg & cfg, ggml_tensor * w, ggml_tensor * m) {
+    const float alpha = cfg.params.forgetting_factor;
     GGML_ASSERT(ggml_backend_buffer_is_host(w->buffer));
     GGML_ASSERT(ggml_backend_buffer_is_host(m->buffer));
 
@@ -149,12 +150,16 @@ void llama_kv_score_access::set_score_inputs(const llama_kv_cache_context * mctx
             ms[c] = pw[n_seen];
         }
     }
+
+    if (cfg.tracks_units()) {
+        record_writes(kv, sinfo.s0, sinfo.idxs, *ubatch);
+    }
 }
 
 void llama_kv_score_access::alloc_layer(llama_kv_cache & kv, ggml_context * ctx, uint32_t il, uint32_t kv_size, uint32_t n_stream) {
     auto & layer = kv.layers[kv.map_layer_ids.at(il)];
 
-    layer.score = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, kv_size, n_stream);
+    layer.score = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, kv_size, kv.hparams.n_head_kv(il), n_stream);
     layer.vnorm = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, kv.hparams.n_head_kv(il), kv_size, n_stream);
 
     ggml_format_name(layer.score, "cache_score_l%d", il);
@@ -165,9 +170,9 @@ void llama_kv_score_access::copy_stream(llama_kv_cache & kv, uint32_t ssrc, uint
     GGML_ASSERT(ssrc != sdst);
     std::vector<uint8_t> buf;
     for (auto & layer : kv.layers) {
-        // score [kv_size, n_stream], vnorm [n_head_kv, kv_size, n_stream]:
+        // score [kv_size, n_head_kv, n_stream], vnorm [n_head_kv, kv_size, n_stream]:
         // the stream is the outermost dimension, one contiguous slice per stream
-        const std::pair<ggml_tensor *, int> rows[] = { { layer.score, 1 }, { layer.vnorm, 2 } };
+        const std::pair<ggml_tensor *, int> rows[] = { { layer.score, 2 }, { layer.vnorm, 2 } };
         for (const auto & [t, d] : rows) {
             if (t == nullptr) {
                 continue;
@@ -179,6 +184,7 @@ void llama_kv_score_access::copy_stream(llama_kv_cache & kv, uint32_t ssrc, uint
             ggml_backend_tensor_set(t, buf.data(), sdst*nb, nb);
         }
     }
+    copy_stream_units(kv, ssrc, sdst);
 }
 
 uint32_t llama_kv_score_access::graph_nodes_per_layer() {
@@ -283,7 +289,7 @@ void llama_kv_score_access::build_update(const llm_graph_context & g, const llm_
         }
     }
     if (inp_score == nullptr) {
-        auto in = std::make_unique<llm_graph_input_kv_score>(mctx, cfg.params.forgetting_factor);
+        auto in = std::make_unique<llm_graph_input_kv_score>(mctx, cfg);
         in->w = ggml_new_tensor_4d(ctx0, GGML_TYPE_F32, n_tps, 1, 1, n_stream);
         in->m = ggml_new_tensor_2d(ctx0, GGML_TYPE_F32, n_kv, n_stream);
         ggml_set_input(in->w);
@@ -305,16 +311,21 @@ void llama_kv_score_access::build_update(const llm_graph_context & g, const llm_
         probs = ggml_mul(ctx0, p4, vn);
     }
 
-    // sum over queries (weighted) and heads in one pass: out_prod contracts dim 1
-    ggml_tensor * p2 = ggml_reshape_4d(ctx0, probs, n_kv, n_tps*n_head, 1, n_stream);
-    ggml_tensor * wq = ggml_repeat_4d(ctx0, inp_score->w, n_tps, n_head, 1, n_stream);
-    wq = ggml_reshape_4d(ctx0, wq, 1, n_tps*n_head, 1, n_stream);
+    // per KV head, sum over its queries (weighted) and the query heads of its group in
+    // one pass: out_prod contracts dim 1. Query head h reads KV head h/n_group, so
+    // [n_tps, n_head] regroups as [n_tps*n_group, n_head_kv] (index t + n_tps*g).
+    ggml_tensor * p4 = ggml_reshape_4d(ctx0, probs, n_kv, n_tps*n_group, n_head_kv, n_stream);
+    ggml_tensor * wq = ggml_repeat_4d(ctx0, inp_score->w, n_tps, n_group, n_head_kv, n_stream);
+    wq = ggml_reshape_4d(ctx0, wq, 1, n_tps*n_group, n_head_kv, n_stream);
 
-    ggml_tensor * contrib = ggml_out_prod(ctx0, p2, wq);               // [n_kv, 1, 1, n_stream]
-    contrib = ggml_reshape_2d(ctx0, contrib, n_kv, n_stream);
+    ggml_tensor * contrib = ggml_out_prod(ctx0, p4, wq);               // [n_kv, 1, n_head_kv, n_stream]
+    contrib = ggml_reshape_3d(ctx0, contrib, n_kv, n_head_kv, n_stream);
 
-    ggml_tensor * s_old = ggml_view_2d(ctx0, layer.score, n_kv, n_stream, layer.score->nb[1], layer.score->nb[1]*s0);
-    ggml_tensor * s_new = ggml_add(ctx0, ggml_mul(ctx0, s_old, inp_score->m), contrib);
+    // score: F32 [kv_size, n_head_kv, n_stream]; the first n_kv cells of the ubatch's streams
+    ggml_tensor * s_old = ggml_view_3d(ctx0, layer.score, n_kv, n_head_kv, n_stream,
+                                       layer.score->nb[1], layer.score->nb[2], layer.score->nb[2]*s0);
+    ggml_tensor * m3    = ggml_reshape_3d(ctx0, inp_score->m, n_kv, 1, n_stream);
+    ggml_tensor * s_new = ggml_add(ctx0, ggml_mul(ctx0, s_old, m3), contrib);
 
     ggml_set_name(s_new, "a2sf_score");
     ggml_build_forward_expand(g.gf, ggml_cpy(ctx0, s_new, s_old));

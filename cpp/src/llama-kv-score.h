@@ -8,12 +8,14 @@
 #include "llama-kv-policy-cfg.h"
 
 #include <cstdint>
+#include <map>
 #include <random>
 #include <vector>
 
 struct ggml_context;
 struct ggml_tensor;
 struct llama_context;
+struct llama_ubatch;
 struct llm_graph_context;
 struct llm_graph_params;
 class  llm_graph_input_attn_kv;
@@ -29,8 +31,38 @@ struct llama_kv_score_state {
     int64_t t_evict_us      = 0;
     int64_t n_compactions   = 0;
     int64_t t_compact_us    = 0;
+    int64_t n_move_events   = 0; // graphs that moved rows of single layers/heads
+    int64_t n_bytes_moved   = 0; // K + V bytes they moved
+    int64_t t_move_us       = 0;
 
     std::mt19937 rng{0};
+};
+
+// What each (scored layer, KV head) -- a "unit" -- holds in each cell. llama.cpp's
+// cells carry one position for all layers and heads; granularity LAYER / HEAD moves
+// a unit's kept tokens between cells (llama-kv-evict.cpp), after which a cell's K/V
+// rows of different units belong to different tokens. This map is the truth then:
+// protection, ranking, kv_scores(), the visualiser and the state read it. It also
+// counts, per unit and cell, when the token was written (mean attention divides by
+// the queries that saw it). Kept in the cache (patch 0008) so that the graph inputs,
+// which see only the cache, can record every write. Empty until a policy needs it.
+struct llama_kv_units {
+    uint32_t n_layer   = 0; // scored layers
+    uint32_t n_head_kv = 0; // KV heads per layer (the largest)
+    uint32_t kv_size   = 0; // 0: not allocated
+    uint32_t n_stream  = 0;
+
+    std::vector<int32_t> pos;      // [n_stream][n_layer*n_head_kv][kv_size]: position of the unit's token
+    std::vector<int64_t> born;     // same shape: the sequence's query count when the token was written
+    std::vector<uint8_t> diverged; // [n_stream]: some unit holds another token than its cell's own
+
+    std::map<int32_t, int64_t> n_queries; // queries evaluated per sequence so far
+
+    bool     allocated() const { return kv_size != 0; }
+    uint32_t n_units()   const { return n_layer*n_head_kv; }
+    size_t   at(uint32_t strm, uint32_t unit, uint32_t cell) const {
+        return ((size_t) strm*n_units() + unit)*kv_size + cell;
+    }
 };
 
 // The one friend of llama_context, llama_kv_cache and llama_kv_cache_context:
@@ -59,8 +91,9 @@ struct llama_kv_score_access {
 
     // fill the host inputs of the scoring ops for the current ubatch:
     // w [n_tokens/n_stream, 1, 1, n_stream] query weights, m [n_kv, n_stream] cell decays
+    // and, when the policy tracks units, record the cells the ubatch writes
     static void set_score_inputs(const llama_kv_cache_context * mctx, const struct llama_ubatch * ubatch,
-                                 float alpha, ggml_tensor * w, ggml_tensor * m);
+                                 const llama_kv_policy_cfg & cfg, ggml_tensor * w, ggml_tensor * m);
 
     // extra graph nodes per model layer that the scoring ops need
     static uint32_t graph_nodes_per_layer();
@@ -68,6 +101,26 @@ struct llama_kv_score_access {
     // llama_kv_cache::update, after a cross-stream seq_cp copied the K/V of stream
     // ssrc into sdst: copy the score and value-norm rows of every layer the same way
     static void copy_stream(llama_kv_cache & kv, uint32_t ssrc, uint32_t sdst);
+
+    // granularity: the unit map of a cache, allocated (from the cells' own positions)
+    // when a policy first needs it (llama-kv-units.cpp)
+    static llama_kv_units & units(const llama_kv_cache & kv, bool allocate);
+    static void             reset_units(const llama_kv_cache & kv);
+    static void             record_writes(const llama_kv_cache & kv, uint32_t s0,
+                                          const std::vector<std::vector<uint32_t>> & idxs, const llama_ubatch & ub);
+    static void             copy_stream_units(const llama_kv_cache & kv, uint32_t ssrc, uint32_t sdst);
+
+    // move (layer, head) rows of K, V, score and value norm between cells of one stream,
+    // as one graph on the cache's backend (llama-kv-move.cpp). moves[u] lists the
+    // (src, dst) cells of unit u = layer*n_head_kv + head.
+    static bool move_unit_rows(llama_context & lctx, llama_kv_cache & kv, uint32_t strm,
+                               const std::vector<std::vector<std::pair<uint32_t, uint32_t>>> & moves);
+
+    static int32_t head_scores(llama_context & lctx, int32_t seq_id, int32_t capacity,
+                               int32_t * pos_out, float * scores_out);
+    static int32_t compress_seq(llama_context & lctx, int32_t seq_id, int32_t n_keep);
+    static int32_t n_head_kv(const llama_kv_cache & kv);
+    static bool    uses_alibi(const llama_context & lctx);
 
     // helpers of the C API (llama-kv-policy.cpp)
     static llama_kv_cache        * get_kv(const llama_context & lctx);
@@ -81,6 +134,8 @@ struct llama_kv_score_access {
     static int32_t                 read_scores(llama_context & lctx, int32_t seq_id, int32_t capacity,
                                                int32_t * pos_out, int32_t * cell_out, float * scores_out);
     static int32_t                 evict_seq(llama_context & lctx, int32_t seq_id, int32_t n_free);
+    static int32_t                 evict_seq_impl(llama_context & lctx, llama_kv_cache & kv, const llama_kv_policy_cfg & cfg,
+                                                  llama_kv_score_state & st, uint32_t strm, int32_t seq_id, int32_t n_free);
     static int32_t                 compact_seq(llama_context & lctx, int32_t seq_id); // llama-kv-compact.cpp
     static bool                    valid_seq(const llama_kv_cache & kv, int32_t seq_id);
 };

@@ -19,6 +19,7 @@
 
 #include "ggml-backend.h"
 
+#include <algorithm>
 #include <cstdarg>
 #include <cstdio>
 #include <sstream>
@@ -29,7 +30,7 @@ namespace {
 
 constexpr uint32_t STATE_MAGIC   = 0x46533241; // "A2SF"
 constexpr uint32_t CELLS_MAGIC   = 0x43533241; // "A2SC"
-constexpr uint32_t STATE_VERSION = 1;
+constexpr uint32_t STATE_VERSION = 2; // 2: per-head scores, the (layer, head) unit map
 
 constexpr uint32_t FLAG_SCORED      = 1u << 0; // scores were maintained (score-ranked policy)
 constexpr uint32_t FLAG_VALUE_AWARE = 1u << 1; // value norms were maintained (VATP)
@@ -167,23 +168,50 @@ void llama_kv_state_access::write_cells(const llama_kv_cache & kv, llama_io_writ
         if (layer.score == nullptr) {
             continue;
         }
-        ggml_tensor * score = layer.score; // F32 [kv_size, n_stream]
+        ggml_tensor * score = layer.score; // F32 [kv_size, n_head_kv, n_stream]
         ggml_tensor * vnorm = layer.vnorm; // F32 [n_head_kv, kv_size, n_stream]
 
-        const uint32_t n_head_kv = vnorm ? (uint32_t) vnorm->ne[0] : 0;
+        const uint32_t n_head_kv = (uint32_t) score->ne[1];
         io.write(&n_head_kv, sizeof(n_head_kv));
 
-        for (const auto & r : ranges) {
-            io.write_tensor(score, strm*score->nb[1] + (size_t) r.first*sizeof(float),
-                            (size_t) (r.second - r.first)*sizeof(float));
-        }
-        if (vnorm) {
+        for (uint32_t h = 0; h < n_head_kv; ++h) {
             for (const auto & r : ranges) {
-                io.write_tensor(vnorm, strm*vnorm->nb[2] + (size_t) r.first*vnorm->nb[1],
-                                (size_t) (r.second - r.first)*vnorm->nb[1]);
+                io.write_tensor(score, strm*score->nb[2] + h*score->nb[1] + (size_t) r.first*sizeof(float),
+                                (size_t) (r.second - r.first)*sizeof(float));
             }
         }
+        for (const auto & r : ranges) {
+            io.write_tensor(vnorm, strm*vnorm->nb[2] + (size_t) r.first*vnorm->nb[1],
+                            (size_t) (r.second - r.first)*vnorm->nb[1]);
+        }
     }
+
+    // the unit map of these cells (what each layer/head holds), if the engine keeps one
+    const llama_kv_units & u = llama_kv_score_access::units(kv, false);
+    const uint32_t n_units = u.allocated() ? u.n_units() : 0;
+    io.write(&n_units, sizeof(n_units));
+    if (n_units) {
+        const uint32_t diverged = u.diverged[strm];
+        io.write(&diverged, sizeof(diverged));
+        for (uint32_t k = 0; k < n_units; ++k) {
+            for (const auto & r : ranges) {
+                io.write(&u.pos[u.at(strm, k, r.first)], (size_t) (r.second - r.first)*sizeof(int32_t));
+                io.write(&u.born[u.at(strm, k, r.first)], (size_t) (r.second - r.first)*sizeof(int64_t));
+            }
+        }
+        const uint32_t n_seq = (uint32_t) u.n_queries.size();
+        io.write(&n_seq, sizeof(n_seq));
+        for (const auto & [sid, nq] : u.n_queries) {
+            const int64_t e[2] = { sid, nq };
+            io.write(e, sizeof(e));
+        }
+    }
+}
+
+static bool state_refuse(const std::string & why) {
+    g_last_error = "a2sf state: " + why;
+    LLAMA_LOG_ERROR("%s: %s\n", __func__, g_last_error.c_str());
+    return false;
 }
 
 bool llama_kv_state_access::read_cells(llama_kv_cache & kv, llama_io_read_i & io, uint32_t strm,
@@ -191,16 +219,12 @@ bool llama_kv_state_access::read_cells(llama_kv_cache & kv, llama_io_read_i & io
     uint32_t hdr[2] = { 0, 0 };
     io.read(hdr, sizeof(hdr));
     if (hdr[0] != CELLS_MAGIC) {
-        g_last_error = "a2sf state: the KV cells carry no score block (state saved by a libllama without a2sf?)";
-        LLAMA_LOG_ERROR("%s: %s\n", __func__, g_last_error.c_str());
-        return false;
+        return state_refuse("the KV cells carry no score block (state saved by a libllama without a2sf?)");
     }
     const uint32_t n_layer = n_state_layers(&kv);
     if (hdr[1] != n_layer) {
-        g_last_error = "a2sf state: score rows of " + std::to_string(hdr[1]) + " layers, this cache has " +
-                       std::to_string(n_layer);
-        LLAMA_LOG_ERROR("%s: %s\n", __func__, g_last_error.c_str());
-        return false;
+        return state_refuse("score rows of " + std::to_string(hdr[1]) + " layers, this cache has " +
+                            std::to_string(n_layer));
     }
 
     // contiguous runs of destination cells, in the order the rows were written
@@ -224,24 +248,62 @@ bool llama_kv_state_access::read_cells(llama_kv_cache & kv, llama_io_read_i & io
 
         uint32_t n_head_kv_ref = 0;
         io.read(&n_head_kv_ref, sizeof(n_head_kv_ref));
-        const uint32_t n_head_kv = vnorm ? (uint32_t) vnorm->ne[0] : 0;
+        const uint32_t n_head_kv = (uint32_t) score->ne[1];
         if (n_head_kv_ref != n_head_kv) {
-            g_last_error = "a2sf state: value norms of " + std::to_string(n_head_kv_ref) +
-                           " KV heads, this layer has " + std::to_string(n_head_kv);
-            LLAMA_LOG_ERROR("%s: %s\n", __func__, g_last_error.c_str());
-            return false;
+            return state_refuse("scores of " + std::to_string(n_head_kv_ref) + " KV heads, this layer has " +
+                                std::to_string(n_head_kv));
         }
 
-        for (const auto & r : runs) {
-            io.read_tensor(score, strm*score->nb[1] + (size_t) r.from*sizeof(float),
-                           (size_t) (r.to - r.from)*sizeof(float));
-        }
-        if (vnorm) {
+        for (uint32_t h = 0; h < n_head_kv; ++h) {
             for (const auto & r : runs) {
-                io.read_tensor(vnorm, strm*vnorm->nb[2] + (size_t) r.from*vnorm->nb[1],
-                               (size_t) (r.to - r.from)*vnorm->nb[1]);
+                io.read_tensor(score, strm*score->nb[2] + h*score->nb[1] + (size_t) r.from*sizeof(float),
+                               (size_t) (r.to - r.from)*sizeof(float));
             }
         }
+        for (const auto & r : runs) {
+            io.read_tensor(vnorm, strm*vnorm->nb[2] + (size_t) r.from*vnorm->nb[1],
+                           (size_t) (r.to - r.from)*vnorm->nb[1]);
+        }
+    }
+
+    uint32_t n_units_ref = 0;
+    io.read(&n_units_ref, sizeof(n_units_ref));
+    llama_kv_units & u = llama_kv_score_access::units(kv, n_units_ref > 0);
+    if (n_units_ref == 0) {
+        // no map saved: every unit holds its cell's token
+        if (u.allocated()) {
+            const auto & cells = kv.v_cells[strm];
+            for (uint32_t c : idxs) {
+                for (uint32_t k = 0; k < u.n_units(); ++k) {
+                    u.pos[u.at(strm, k, c)] = cells.is_empty(c) ? -1 : cells.pos_get(c);
+                }
+            }
+        }
+        return true;
+    }
+    if (!u.allocated() || n_units_ref != u.n_units()) {
+        return state_refuse("a map of " + std::to_string(n_units_ref) + " layer/head units, this cache has " +
+                            std::to_string(u.allocated() ? u.n_units() : 0));
+    }
+    uint32_t diverged = 0;
+    io.read(&diverged, sizeof(diverged));
+    u.diverged[strm] = diverged != 0;
+    for (uint32_t k = 0; k < u.n_units(); ++k) {
+        for (const auto & r : runs) {
+            io.read(&u.pos[u.at(strm, k, r.from)], (size_t) (r.to - r.from)*sizeof(int32_t));
+            io.read(&u.born[u.at(strm, k, r.from)], (size_t) (r.to - r.from)*sizeof(int64_t));
+        }
+    }
+    uint32_t n_seq = 0;
+    io.read(&n_seq, sizeof(n_seq));
+    if (n_seq > LLAMA_MAX_SEQ) {
+        return state_refuse("malformed unit map (" + std::to_string(n_seq) + " sequences)");
+    }
+    for (uint32_t i = 0; i < n_seq; ++i) {
+        int64_t e[2] = { 0, 0 };
+        io.read(e, sizeof(e));
+        auto & nq = u.n_queries[(int32_t) e[0]];
+        nq = std::max(nq, e[1]);
     }
     return true;
 }

@@ -8,7 +8,10 @@
 //              u32 n_layer (KV layers with score rows; 0 without a plain KV cache)
 //     ...      llama.cpp's memory module; per stream, right after its K/V rows:
 //     cells    u32 magic 'A2SC', u32 n_layer, then per layer:
-//              u32 n_head_kv, f32 score[cell_count], f32 vnorm[cell_count][n_head_kv]
+//              u32 n_head_kv, f32 score[n_head_kv][cell_count], f32 vnorm[cell_count][n_head_kv];
+//              then u32 n_units (0: no layer/head map), and if n_units > 0:
+//              u32 diverged, per unit { i32 pos[cell_count], i64 born[cell_count] } (run by run),
+//              u32 n_seq, { i64 seq_id, i64 n_queries } per sequence
 //     trailer  u32 has_rng, then (whole context only) the random policy's RNG as text
 //
 // The reader checks every count against its own context before touching the

@@ -36,6 +36,7 @@ Note: ``logits_all=True`` keeps one row of logits per position ever evaluated
 """
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
@@ -49,7 +50,7 @@ from ._llama.guards import InputGuards, check_seq_id
 from ._llama.positions import PositionLimit
 from ._llama.prefix import PrefixReuse
 from .gguf_header import diagnose_model_file
-from .policies import SETTINGS_BY_NAME, KVPolicy, PolicyKind, make_policy, policy_from_settings
+from .policies import SETTINGS, SETTINGS_BY_NAME, KVPolicy, PolicyKind, make_policy, policy_from_settings
 
 __all__ = ["Llama", "KVScores"]
 
@@ -150,6 +151,16 @@ class Llama(InputGuards, PositionLimit, PrefixReuse, GrowingSequence):
                 ) from e
             raise
 
+    # keyword arguments for help() and IDEs: one per row of SETTINGS
+    __init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+         inspect.Parameter("model_path", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str),
+         inspect.Parameter("kv_policy", inspect.Parameter.KEYWORD_ONLY, default=None)]
+        + [inspect.Parameter(s.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                             annotation=Optional[s.type]) for s in SETTINGS]
+        + [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
+    )
+
     # -- the policy ----------------------------------------------------------
     @property
     def kv_policy(self) -> Optional[KVPolicy]:
@@ -206,14 +217,29 @@ class Llama(InputGuards, PositionLimit, PrefixReuse, GrowingSequence):
         return int(_core().n_cells(self._a2sf_ctx(), seq_id))
 
     def kv_stats(self) -> Dict[str, Any]:
-        """Eviction statistics: evictions, cells_evicted, cells_used, evict_seconds."""
+        """Eviction statistics: evictions, cells_evicted, cells_used, evict_seconds;
+        move_events, bytes_moved, move_seconds (granularity layer/head and compression
+        moving K/V rows between cells)."""
         s = _core().stats(self._a2sf_ctx())
         return {
             "evictions": int(s["n_evictions"]),
             "cells_evicted": int(s["n_cells_evicted"]),
             "cells_used": int(s["n_cells_used"]),
             "evict_seconds": float(s["t_evict_us"]) / 1e6,
+            "move_events": int(s["n_move_events"]),
+            "bytes_moved": int(s["n_bytes_moved"]),
+            "move_seconds": float(s["t_move_us"]) / 1e6,
         }
+
+    def kv_head_scores(self, seq_id: int = 0):
+        """What each (scored layer, KV head) holds: ``(positions, scores)``, both
+        [n_layers, n_head_kv, n_cells] over the cells of :meth:`kv_scores` (same order).
+
+        With ``granularity="token"`` every head of a cell holds the cell's token;
+        ``"layer"``/``"head"`` move tokens between cells, so heads differ.
+        """
+        check_seq_id(seq_id)
+        return _core().head_scores(self._a2sf_ctx(), seq_id)
 
     def kv_evict(self, n_free: int, seq_id: int = 0) -> int:
         """Evict ``n_free`` cells of ``seq_id`` now, by the policy's ranking.

@@ -46,6 +46,7 @@ __all__ = [
     "TOVA",
     "A2SF",
     "VATP",
+    "MeanAttention",
     "RandomEviction",
     "POLICIES",
     "POLICY_NAMES",
@@ -130,6 +131,13 @@ class Setting:
             raise ValueError(f"{what} must be in [{self._fmt(0)}, {self._fmt(1)}], got {value!r}")
         return value
 
+    def to_native(self, value: Any) -> Any:
+        """``value`` as ``llama_kv_policy_params`` holds it: a str choice is the C enum,
+        numbered in the order of ``choices``."""
+        if self.type is str and self.choices is not None:
+            return self.choices.index(value)
+        return value
+
     def _fmt(self, i: int) -> str:
         bound = self.range[i]  # type: ignore[index]
         return {_INT32_MAX: "2^31-1", _UINT32_MAX: "2^32-1"}.get(bound, f"{bound:g}")
@@ -155,6 +163,12 @@ SETTINGS: Tuple[Setting, ...] = (
             field="value_aware", native="value_aware"),
     Setting("kv_seed", int, 0, "seed of the random policy",
             field="seed", native="seed", range=(0, _UINT32_MAX)),
+    Setting("granularity", str, "token", "which unit keeps its own tokens when a scored policy evicts: "
+            "token (a cell is one token for all layers and heads), layer, or head (per layer and KV head)",
+            field="granularity", native="granularity", choices=("token", "layer", "head")),
+    Setting("mean_attention", bool, False, "rank by accumulated attention divided by the number of "
+            "queries that saw the token (kvpress's ObservedAttention)",
+            field="mean_attention", native="mean_attention"),
     Setting("max_positions", int, None, "with a policy: the longest sequence the completion API "
             "runs to (default: the model's training context, at least n_ctx)",
             range=(1, _INT32_MAX)),
@@ -233,7 +247,7 @@ class KVPolicy:
         native = {"kind": int(self.kind)}
         for name, setting in POLICY_SETTINGS.items():
             if setting.native is not None:
-                native[setting.native] = getattr(self, name)
+                native[setting.native] = setting.to_native(getattr(self, name))
         return native
 
     def to_dict(self) -> Dict[str, Any]:
@@ -256,6 +270,8 @@ class NoEviction(KVPolicy):
     forgetting_factor: float = field(default=1.0, init=False)
     value_aware: bool = field(default=False, init=False)
     seed: int = field(default=0, init=False)
+    granularity: str = field(default="token", init=False)
+    mean_attention: bool = field(default=False, init=False)
 
     kind: ClassVar[PolicyKind] = PolicyKind.NONE
     name: ClassVar[str] = "none"
@@ -274,6 +290,8 @@ class StreamingLLM(KVPolicy):
 
     forgetting_factor: float = field(default=1.0, init=False)
     value_aware: bool = field(default=False, init=False)
+    granularity: str = field(default="token", init=False)
+    mean_attention: bool = field(default=False, init=False)
 
     kind: ClassVar[PolicyKind] = PolicyKind.STREAMING
     name: ClassVar[str] = "streaming"
@@ -342,6 +360,22 @@ class VATP(KVPolicy):
 
 
 @dataclass(frozen=True)
+class MeanAttention(KVPolicy):
+    """Mean attention: accumulated attention divided by the queries that saw the token.
+
+    kvpress's ``ObservedAttentionPress`` (NVIDIA kvpress; after H2O, Zhang et al.,
+    arXiv:2306.14048): H2O's sum favours old tokens simply because more queries
+    saw them; the mean does not. Forgetting factor 1 (every query counts alike).
+    Most useful with ``granularity="head"`` and prompt compression (``kv_budget``).
+    """
+
+    forgetting_factor: float = field(default=1.0, init=False)
+    mean_attention: bool = field(default=True, init=False)
+
+    name: ClassVar[str] = "mean"
+
+
+@dataclass(frozen=True)
 class RandomEviction(KVPolicy):
     """Random eviction among unprotected cells: the baseline any scorer must beat.
 
@@ -351,6 +385,8 @@ class RandomEviction(KVPolicy):
 
     forgetting_factor: float = field(default=1.0, init=False)
     value_aware: bool = field(default=False, init=False)
+    granularity: str = field(default="token", init=False)
+    mean_attention: bool = field(default=False, init=False)
 
     kind: ClassVar[PolicyKind] = PolicyKind.RANDOM
     name: ClassVar[str] = "random"
@@ -359,7 +395,7 @@ class RandomEviction(KVPolicy):
 #: name -> class, the names :func:`make_policy` accepts
 POLICIES: Dict[str, Type[KVPolicy]] = {
     cls.name: cls
-    for cls in (NoEviction, StreamingLLM, TOVA, H2O, A2SF, VATP, RandomEviction)
+    for cls in (NoEviction, StreamingLLM, TOVA, H2O, A2SF, VATP, MeanAttention, RandomEviction)
 }
 #: the policy names, the one list the CLI, eval and bench use
 POLICY_NAMES: Tuple[str, ...] = tuple(POLICIES)
@@ -371,6 +407,8 @@ _ALIASES = {
     "vatp": "vatp",
     "tova": "tova",
     "random": "random",
+    "mean": "mean",
+    "observedattention": "mean",
     "none": "none",
     "no": "none",
 }

@@ -115,7 +115,9 @@ class ReferenceLlama:
 
         ``visible`` [T, T] bool, optional: which keys each query may attend to,
         on top of the causal mask; e.g. ``visible[q, k] = False`` for every query
-        after the cell of token k was evicted.
+        after the cell of token k was evicted. ``visible`` [n_layer, n_head_kv, T, T]
+        gives each (layer, KV head) its own (eviction per layer / head); query head
+        h uses its KV head's.
         """
         tok = np.asarray(tokens, dtype=np.int64)
         T = len(tok)
@@ -124,8 +126,13 @@ class ReferenceLlama:
         group = H // Hkv
         scale = 1.0 / np.sqrt(hd)
         mask = np.triu(np.ones((T, T), dtype=bool), k=1)  # key > query
+        head_mask = None
         if visible is not None:
-            mask = mask | ~np.asarray(visible, dtype=bool)
+            visible = np.asarray(visible, dtype=bool)
+            if visible.ndim == 2:
+                mask = mask | ~visible
+            else:  # [L, Hkv, T, T] -> per layer [H, T, T]
+                head_mask = mask[None, None] | ~visible
 
         x = self.w["token_embd.weight"][tok]
         probs = np.zeros((self.n_layer, H, T, T))
@@ -141,7 +148,10 @@ class ReferenceLlama:
             kk = np.repeat(k, group, axis=1)  # [T, H, hd]: head h reads kv head h // group
             vv = np.repeat(v, group, axis=1)
             att = np.einsum("qhd,khd->hqk", q, kk) * scale
-            att[:, mask] = -np.inf
+            if head_mask is None:
+                att[:, mask] = -np.inf
+            else:
+                att[np.repeat(head_mask[il], group, axis=0)] = -np.inf
             att -= att.max(axis=-1, keepdims=True)
             e = np.exp(att)  # a query always sees itself: no all-masked row
             pr = e / e.sum(axis=-1, keepdims=True)

@@ -1,0 +1,166 @@
+// a2sf: move the rows of single (layer, KV head) units between cells, on the
+// cache's backend.
+//
+// Granularity LAYER / HEAD frees one common set of cells while each unit keeps
+// its own tokens: a unit's kept tokens inside the freed set move into its own
+// holes (llama-kv-evict.cpp). For every scored layer this graph gathers the
+// moving rows and scatters them to their new cells, per head:
+//
+//   K      [n_embd_head_k, n_head_kv*kv_size*n_stream]   row (strm*kv_size + c)*n_head_kv + h
+//   V      same with n_embd_head_v (flash attention: V not transposed), or, for the
+//          transposed V of the other path, one element per row:
+//          [1, n_embd_v*kv_size*n_stream]                 element (strm*n_embd_v + h*hd + d)*kv_size + c
+//   vnorm  [1, n_head_kv*kv_size*n_stream]                element (strm*kv_size + c)*n_head_kv + h
+//   score  [1, kv_size*n_head_kv*n_stream]                element (strm*n_head_kv + h)*kv_size + c
+//
+// Sources and destinations never overlap (sources lie in the freed set), so one
+// get_rows per tensor followed by one set_rows is exact. get_rows widens F16 /
+// quantized rows to F32 and set_rows narrows them back, so F16 and F32 caches move
+// bit for bit (quantized K/V are requantized). Computed through the context's
+// scheduler, like llama.cpp's K-shift graph.
+
+#include "llama-kv-score.h"
+
+#include "llama-context.h"
+#include "llama-graph.h"
+#include "llama-impl.h"
+#include "llama-kv-cache.h"
+
+#include "ggml-backend.h"
+#include "ggml.h"
+
+#include <cstring>
+
+namespace {
+
+// index tensors of the graph, filled from host vectors when the graph runs
+class llm_graph_input_kv_move : public llm_graph_input_i {
+public:
+    void set_input(const llama_ubatch * ubatch) override {
+        GGML_UNUSED(ubatch);
+        for (size_t i = 0; i < i32.size(); ++i) {
+            ggml_backend_tensor_set(i32[i].first, i32[i].second.data(), 0, i32[i].second.size()*sizeof(int32_t));
+        }
+        for (size_t i = 0; i < i64.size(); ++i) {
+            ggml_backend_tensor_set(i64[i].first, i64[i].second.data(), 0, i64[i].second.size()*sizeof(int64_t));
+        }
+    }
+
+    std::vector<std::pair<ggml_tensor *, std::vector<int32_t>>> i32; // get_rows: source rows
+    std::vector<std::pair<ggml_tensor *, std::vector<int64_t>>> i64; // set_rows: destination rows
+};
+
+} // namespace
+
+bool llama_kv_score_access::move_unit_rows(llama_context & lctx, llama_kv_cache & kv, uint32_t strm,
+                                           const std::vector<std::vector<std::pair<uint32_t, uint32_t>>> & moves) {
+    const int64_t t0 = ggml_time_us();
+
+    lctx.synchronize();
+
+    auto * sched = lctx.get_sched();
+    ggml_backend_sched_reset(sched);
+
+    auto * res = lctx.get_gf_res_reserve();
+    res->reset();
+
+    ggml_context * ctx = res->get_ctx();
+    ggml_cgraph  * gf  = res->get_gf();
+
+    auto inp = std::make_unique<llm_graph_input_kv_move>();
+
+    const int64_t kv_size  = kv.get_size();
+    const uint32_t nh_max  = std::max<int32_t>(1, n_head_kv(kv));
+
+    // one gather + scatter of `rows` rows of width `width` of tensor t (viewed 2-D)
+    auto move = [&](ggml_tensor * t, int64_t width, std::vector<int32_t> src, std::vector<int64_t> dst) {
+        if (src.empty()) {
+            return;
+        }
+        ggml_tensor * view = ggml_reshape_2d(ctx, t, width, ggml_nelements(t)/width);
+        ggml_tensor * is = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, (int64_t) src.size());
+        ggml_tensor * id = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, (int64_t) dst.size());
+        ggml_set_input(is);
+        ggml_set_input(id);
+        ggml_tensor * rows = ggml_get_rows(ctx, view, is);
+        ggml_build_forward_expand(gf, ggml_set_rows(ctx, view, rows, id));
+        inp->i32.emplace_back(is, std::move(src));
+        inp->i64.emplace_back(id, std::move(dst));
+    };
+
+    int64_t n_bytes = 0;
+    uint32_t il_scored = 0;
+    for (const auto & layer : kv.layers) {
+        if (layer.score == nullptr) {
+            continue;
+        }
+        const uint32_t il  = layer.il;
+        const int64_t  nh  = layer.score->ne[1]; // this layer's KV heads
+        const int64_t  hdk = kv.hparams.n_embd_head_k(il);
+        const int64_t  hdv = kv.hparams.n_embd_head_v(il);
+
+        std::vector<int32_t> k_src, s_src, v_src;
+        std::vector<int64_t> k_dst, s_dst, v_dst;
+        for (int64_t h = 0; h < nh; ++h) {
+            const uint32_t unit = il_scored*nh_max + (uint32_t) h;
+            if (unit >= moves.size()) {
+                continue;
+            }
+            for (const auto & [src, dst] : moves[unit]) {
+                k_src.push_back((int32_t) ((strm*kv_size + src)*nh + h));
+                k_dst.push_back((int64_t) ((strm*kv_size + dst)*nh + h));
+                s_src.push_back((int32_t) ((strm*nh + h)*kv_size + src));
+                s_dst.push_back((int64_t) ((strm*nh + h)*kv_size + dst));
+                if (kv.v_trans && layer.v) {
+                    const int64_t ne0 = kv.hparams.n_embd_v_gqa_max(); // as llama_kv_cache::set_input_v_idxs
+                    for (int64_t d = 0; d < hdv; ++d) {
+                        v_src.push_back((int32_t) ((strm*ne0 + h*hdv + d)*kv_size + src));
+                        v_dst.push_back((int64_t) ((strm*ne0 + h*hdv + d)*kv_size + dst));
+                    }
+                }
+            }
+        }
+        if (k_src.empty()) {
+            ++il_scored;
+            continue;
+        }
+        n_bytes += (int64_t) k_src.size()*(ggml_row_size(layer.k->type, hdk) + (layer.v ? ggml_row_size(layer.v->type, hdv) : 0));
+
+        move(layer.k, hdk, k_src, k_dst);
+        if (layer.v) {
+            if (kv.v_trans) {
+                move(layer.v, 1, v_src, v_dst);
+            } else {
+                move(layer.v, hdv, k_src, k_dst);
+            }
+        }
+        move(layer.vnorm, 1, k_src, k_dst);
+        move(layer.score, 1, s_src, s_dst);
+        ++il_scored;
+    }
+
+    res->add_input(std::move(inp));
+
+    bool ok = true;
+    if (!ggml_backend_sched_alloc_graph(sched, gf)) {
+        LLAMA_LOG_ERROR("%s: failed to allocate the graph that moves KV rows\n", __func__);
+        ok = false;
+    } else {
+        res->set_inputs(nullptr);
+        if (lctx.graph_compute(gf, false) != GGML_STATUS_SUCCESS) {
+            LLAMA_LOG_ERROR("%s: failed to compute the graph that moves KV rows\n", __func__);
+            ok = false;
+        }
+    }
+    lctx.synchronize();
+
+    // the scheduler now holds this graph: nothing of the previous decode may be reused
+    invalidate_graphs(lctx);
+
+    auto & st = lctx.kv_score;
+    st.n_move_events += ok;
+    st.n_bytes_moved += ok ? n_bytes : 0;
+    st.t_move_us     += ggml_time_us() - t0;
+
+    return ok;
+}
