@@ -47,6 +47,7 @@ from ._llama.base import _INT32_MAX, core as _core, ctx_address as _ctx_address
 from ._llama.batch import check_batch_sizes, fit_batch
 from ._llama.growth import GrowingSequence
 from ._llama.guards import InputGuards, check_seq_id
+from ._llama.compaction import PositionCompaction, resolve_positions
 from ._llama.positions import PositionLimit
 from ._llama.prefix import PrefixReuse
 from .gguf_header import diagnose_model_file
@@ -59,9 +60,10 @@ __all__ = ["Llama", "KVScores"]
 class KVScores:
     """Cells of one sequence, ordered by position (see :meth:`Llama.kv_scores`)."""
 
-    positions: np.ndarray  # int32 [n_cells]
+    positions: np.ndarray  # int32 [n_cells]: cache position (RoPE), renumbered by compaction
     cells: np.ndarray  # int32 [n_cells]: cell index in the KV cache
     scores: np.ndarray  # float32 [n_layers, n_cells]
+    token_index: Optional[np.ndarray] = None  # int64 [n_cells]: index of the token in input_ids
 
     @property
     def total(self) -> np.ndarray:
@@ -73,15 +75,15 @@ class KVScores:
 
     # dict-style access, for callers that prefer kv_scores()["scores"]
     def __getitem__(self, key: str) -> np.ndarray:
-        if key not in ("positions", "cells", "scores"):
+        if key not in ("positions", "cells", "scores", "token_index"):
             raise KeyError(key)
         return getattr(self, key)
 
     def keys(self):
-        return ("positions", "cells", "scores")
+        return ("positions", "cells", "scores", "token_index")
 
 
-class Llama(InputGuards, PositionLimit, PrefixReuse, GrowingSequence):
+class Llama(InputGuards, PositionLimit, PositionCompaction, PrefixReuse, GrowingSequence):
     """Drop-in llama_cpp.Llama with a KV-cache eviction policy.
 
     Args (besides llama_cpp.Llama's):
@@ -125,10 +127,16 @@ class Llama(InputGuards, PositionLimit, PrefixReuse, GrowingSequence):
         core = _core()  # fail before loading the model if the engine is missing
         self._a2sf_load(model_path, kwargs)
         self._a2sf_check_positions(max_positions)
+        try:
+            positions = resolve_positions(extras.get("positions"), self._a2sf_position_limit is not None)
+        except ValueError:
+            self.close()
+            raise
 
         self._a2sf_settings = extras
         self._a2sf_max_positions = max_positions
         core.set_policy(self._a2sf_ctx(), **policy.to_native())
+        self._a2sf_start_positions(positions)
         self._a2sf_reserve(self.n_tokens + self.n_batch)
 
     def _a2sf_load(self, model_path: str, kwargs: Dict[str, Any]) -> None:
@@ -209,7 +217,8 @@ class Llama(InputGuards, PositionLimit, PrefixReuse, GrowingSequence):
         """Positions, cell indices and per-layer scores of the cells of ``seq_id``."""
         check_seq_id(seq_id)
         pos, cells, scores = _core().scores(self._a2sf_ctx(), seq_id)
-        return KVScores(positions=pos, cells=cells, scores=scores)
+        index = self._a2sf_token_index(pos) if seq_id == 0 else pos.astype(np.int64)
+        return KVScores(positions=pos, cells=cells, scores=scores, token_index=index)
 
     def kv_n_cells(self, seq_id: int = 0) -> int:
         """Number of KV cells holding ``seq_id``."""
@@ -229,6 +238,8 @@ class Llama(InputGuards, PositionLimit, PrefixReuse, GrowingSequence):
             "move_events": int(s["n_move_events"]),
             "bytes_moved": int(s["n_bytes_moved"]),
             "move_seconds": float(s["t_move_us"]) / 1e6,
+            "compactions": int(s["n_compactions"]),
+            "compact_seconds": float(s["t_compact_us"]) / 1e6,
         }
 
     def kv_head_scores(self, seq_id: int = 0):

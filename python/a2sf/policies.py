@@ -169,6 +169,11 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("mean_attention", bool, False, "rank by accumulated attention divided by the number of "
             "queries that saw the token (kvpress's ObservedAttention)",
             field="mean_attention", native="mean_attention"),
+    Setting("positions", str, None, "position compaction for endless streams: cache (renumber the kept "
+            "cells after each eviction, positions stay within the cache), training (only before the "
+            "model's training context), absolute (never; the completion API stops at max_positions). "
+            "Default: cache for RoPE models, absolute for learned positions (OPT, GPT-2)",
+            choices=("cache", "training", "absolute")),
     Setting("max_positions", int, None, "with a policy: the longest sequence the completion API "
             "runs to (default: the model's training context, at least n_ctx)",
             range=(1, _INT32_MAX)),

@@ -47,6 +47,21 @@ class PolicyBase(llama_cpp.Llama):
     def _a2sf_ctx(self) -> int:
         return ctx_address(self._ctx.ctx)
 
+    # position compaction (a2sf._llama.compaction) overrides these
+    def _a2sf_compacted(self) -> bool:
+        """True once cache positions and token indices differ (a compaction ran)."""
+        return False
+
+    def _a2sf_unbounded(self) -> bool:
+        """True if positions are compacted, so no sequence length is too long."""
+        return False
+
+    def _a2sf_token_index(self, positions: Any) -> Any:
+        """Token index (input_ids row) of the cells at these cache positions."""
+        import numpy as np
+
+        return np.asarray(positions, dtype=np.int64).copy()
+
     def _a2sf_cells_lost(self) -> bool:
         """True if seq 0 holds fewer cells than evaluated positions (eviction happened)."""
         return core().n_cells(self._a2sf_ctx(), 0) < self.n_tokens

@@ -20,7 +20,7 @@ import numpy as np
 
 import llama_cpp
 
-from .base import PolicyBase
+from .base import _INT32_MAX, PolicyBase
 
 
 class GrowingSequence(PolicyBase):
@@ -35,7 +35,8 @@ class GrowingSequence(PolicyBase):
             return n_ctx
         limit = self._a2sf_max_positions
         if limit is None:
-            limit = int(self._model.n_ctx_train())
+            # compacted positions never pass the cache: no length is too long
+            limit = _INT32_MAX if self._a2sf_unbounded() else int(self._model.n_ctx_train())
         return max(limit, n_ctx)
 
     @contextlib.contextmanager

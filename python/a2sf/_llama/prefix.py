@@ -46,10 +46,12 @@ class PrefixReuse(PolicyBase):
             keep = match
         if keep >= n_tokens or not self._a2sf_cells_lost():
             return  # pure continuation, or nothing evicted: the parent's reuse is exact
-        if keep > 0:
+        # after a compaction the parent's seq_rm(n_tokens) would count cache positions,
+        # not tokens: only a pure continuation is safe then
+        if keep > 0 and not self._a2sf_compacted():
             pos, _, _ = core().scores(self._a2sf_ctx(), 0)
-            if int(np.count_nonzero(pos < keep)) == keep:
-                return  # positions [0, keep) all present
+            if int(np.count_nonzero(self._a2sf_token_index(pos) < keep)) == keep:
+                return  # tokens [0, keep) all present
         if self.verbose:
             print(
                 f"a2sf.Llama.generate: the cache lost evicted cells of the {keep} reusable "

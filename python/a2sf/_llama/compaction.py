@@ -1,0 +1,108 @@
+"""Position compaction: the ``positions`` setting (see :mod:`a2sf.compaction`).
+
+llama-cpp-python gives each token position ``n_tokens`` (``set_batch(batch,
+n_past=self.n_tokens)``). With compaction on, the cache's positions are
+renumbered from time to time while ``n_tokens`` keeps counting tokens, so the
+batch must carry the cache position instead: this part wraps the context's
+batch so that, right before each decode, it compacts if the mode asks for it
+and writes ``n_past - offset`` as the positions. Everything that reads
+``n_tokens`` / ``input_ids`` (the completion API, streaming, stop sequences,
+prefix matching) keeps llama-cpp-python's meaning.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+import llama_cpp
+
+from ..compaction import POSITION_MODES, PositionMap
+from .base import _INT32_MAX, PolicyBase, core
+
+#: what positions=None means for a RoPE model (chosen by measurement: README, "Endless streams")
+DEFAULT_POSITIONS = "cache"
+
+
+def resolve_positions(mode: Optional[str], learned_positions: bool) -> str:
+    """The positions mode a Llama runs with: the user's, or the default for its model."""
+    if mode is None:
+        return "absolute" if learned_positions else DEFAULT_POSITIONS
+    if mode not in POSITION_MODES:  # the settings table validated it already
+        raise ValueError(f"positions must be one of {', '.join(POSITION_MODES)}, got {mode!r}")
+    if learned_positions and mode != "absolute":
+        raise ValueError(
+            f"positions={mode!r}: this model has learned absolute position embeddings, which "
+            "cannot be re-rotated; use positions='absolute' (the default for it)")
+    return mode
+
+
+class PositionCompaction(PolicyBase):
+    _a2sf_positions: Optional[PositionMap] = None
+
+    def _a2sf_start_positions(self, mode: str) -> None:
+        """After the policy is set: track positions (modes other than 'absolute')."""
+        if mode == "absolute":
+            self._a2sf_positions = None
+            return
+        self._a2sf_positions = PositionMap(mode=mode, limit=max(1, int(self._model.n_ctx_train())))
+        batch = self._batch
+        set_batch = batch.set_batch  # llama_cpp._internals.LlamaBatch.set_batch, bound
+
+        def set_batch_at_cache_positions(batch: Sequence[int], n_past: int, logits_all: bool):
+            self._a2sf_before_batch(n_past, len(batch))
+            return set_batch(batch, n_past - self._a2sf_positions.offset, logits_all)
+
+        # the one place llama_cpp.Llama.eval turns n_tokens into positions
+        batch.set_batch = set_batch_at_cache_positions
+
+    @property
+    def positions(self) -> str:
+        """The positions mode in force: 'cache', 'training' or 'absolute'."""
+        m = self._a2sf_positions
+        return m.mode if m is not None else "absolute"
+
+    def _a2sf_compacted(self) -> bool:
+        m = self._a2sf_positions
+        return m is not None and m.compacted
+
+    def _a2sf_unbounded(self) -> bool:
+        return self._a2sf_positions is not None and self.a2sf_active
+
+    def _a2sf_before_batch(self, n_past: int, n_new: int) -> None:
+        m = self._a2sf_positions
+        if n_past == 0:
+            m.reset()
+            return
+        if not self.a2sf_active:
+            return
+        ctx = self._a2sf_ctx()
+        c = core()
+        if m.wants_compaction(n_past, n_new, lambda: int(c.n_cells(ctx, 0))):
+            positions = c.scores(ctx, 0)[0]
+            m.compact(n_past, positions, lambda: c.compact(ctx, 0))
+
+    def _a2sf_token_index(self, positions: np.ndarray) -> np.ndarray:
+        m = self._a2sf_positions
+        if m is None:
+            return np.asarray(positions, dtype=np.int64).copy()
+        return m.token_index(positions)
+
+    def save_state(self) -> llama_cpp.LlamaState:
+        state = super().save_state()
+        if self._a2sf_positions is not None:
+            state.a2sf_positions = self._a2sf_positions.snapshot()  # type: ignore[attr-defined]
+        return state
+
+    def load_state(self, state: llama_cpp.LlamaState) -> None:
+        super().load_state(state)
+        m = self._a2sf_positions
+        if m is not None:
+            max_pos = None
+            if self.a2sf_active and self.n_tokens > 0:
+                pos = core().scores(self._a2sf_ctx(), 0)[0]
+                max_pos = int(pos.max()) if len(pos) else None
+            m.restore(getattr(state, "a2sf_positions", None), int(self.n_tokens), max_pos)
+
+
+__all__ = ["PositionCompaction", "resolve_positions", "DEFAULT_POSITIONS", "_INT32_MAX"]

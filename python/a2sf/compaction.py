@@ -1,0 +1,115 @@
+"""Position compaction: endless streams on a bounded cache (the ``positions`` setting).
+
+llama-cpp-python counts evaluated tokens in ``n_tokens`` and gives the next
+token position ``n_tokens`` (``input_ids[i]`` is the token at position i). With
+eviction the cache holds a few hundred of those tokens, but their positions
+keep growing, and past its training context a RoPE model stops working. So
+a2sf.Llama keeps two numberings:
+
+* the *token index*: llama-cpp-python's, the index into ``input_ids`` (what
+  ``n_tokens`` counts, what the completion API and prefix reuse see);
+* the *cache position*: what llama.cpp's cells hold and RoPE rotates by.
+
+They agree until the first compaction. A compaction (``a2sf._core.compact``)
+renumbers the sequence's kept cells 0..n-1 in order, re-rotating their K, and
+the next token takes cache position n. :class:`PositionMap` remembers, for the
+cells renumbered by the last compaction, which token index each holds, and for
+the tokens evaluated since, the constant offset between the two numberings.
+
+When to compact is :data:`POSITION_MODES`:
+
+``"cache"``
+    after every eviction event, so positions stay within the cache
+    (StreamingLLM, arXiv 2309.17453, section 3.2);
+``"training"``
+    only when the next position would reach the model's training context;
+``"absolute"``
+    never (llama.cpp's own behaviour without context shift; the completion API
+    then stops at ``max_positions``).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+__all__ = ["POSITION_MODES", "PositionMap"]
+
+POSITION_MODES = ("cache", "training", "absolute")
+
+
+@dataclass
+class PositionMap:
+    """Token index <-> cache position of one sequence (seq 0 of a2sf.Llama)."""
+
+    mode: str
+    #: training context of the model ("training" compacts before reaching it)
+    limit: int
+    #: token index held by cache position p, for p < len(renumbered)
+    renumbered: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    #: token index - cache position, for the positions >= len(renumbered)
+    offset: int = 0
+    n_compactions: int = 0
+    compact_seconds: float = 0.0
+
+    def reset(self) -> None:
+        """An empty sequence: both numberings start again at 0."""
+        self.renumbered = np.zeros(0, dtype=np.int64)
+        self.offset = 0
+
+    @property
+    def compacted(self) -> bool:
+        return self.offset != 0 or len(self.renumbered) > 0
+
+    def position_of(self, token_index: int) -> int:
+        """Cache position of a token evaluated after the last compaction (or the next one)."""
+        return token_index - self.offset
+
+    def token_index(self, positions: np.ndarray) -> np.ndarray:
+        """Token index of the cells at the given cache positions."""
+        positions = np.asarray(positions, dtype=np.int64)
+        out = positions + self.offset
+        old = positions < len(self.renumbered)
+        out[old] = self.renumbered[positions[old]]
+        return out
+
+    def wants_compaction(self, next_token_index: int, n_new: int, n_cells: Callable[[], int]) -> bool:
+        """Whether to compact before evaluating ``n_new`` tokens from ``next_token_index`` on."""
+        if self.mode == "absolute":
+            return False
+        next_pos = self.position_of(next_token_index)
+        if self.mode == "training":
+            return next_pos + n_new > self.limit
+        return n_cells() < next_pos  # "cache": cells were evicted since the last compaction
+
+    def compact(self, next_token_index: int, cache_positions: np.ndarray, compact: Callable[[], int]) -> None:
+        """Run ``compact()`` (a2sf._core.compact for seq 0) and renumber the map.
+
+        ``cache_positions``: the sequence's cache positions before compacting,
+        in order (they become 0..n-1).
+        """
+        t0 = time.perf_counter()
+        held = self.token_index(np.sort(np.asarray(cache_positions, dtype=np.int64)))
+        n = int(compact())
+        assert n == len(held), (n, len(held))
+        self.renumbered = held
+        self.offset = next_token_index - n
+        self.n_compactions += 1
+        self.compact_seconds += time.perf_counter() - t0
+
+    # -- save_state / load_state ------------------------------------------------
+    def snapshot(self) -> dict:
+        return {"renumbered": self.renumbered.copy(), "offset": int(self.offset)}
+
+    def restore(self, snap: Optional[dict], n_tokens: int, max_position: Optional[int]) -> None:
+        """After a state restore: the saved map, or (a state without one) the offset implied
+        by the restored cells (the last cell holds token n_tokens - 1)."""
+        if snap is not None:
+            self.renumbered = np.asarray(snap["renumbered"], dtype=np.int64).copy()
+            self.offset = int(snap["offset"])
+            return
+        self.reset()
+        if max_position is not None and n_tokens > 0:
+            self.offset = n_tokens - 1 - int(max_position)

@@ -1,0 +1,100 @@
+"""The numpy reference LLaMA, run step by step over an explicit KV cache.
+
+:meth:`ReferenceLlama.forward` recomputes a whole sequence at once, which is
+what the engine computes only while positions never change. Once cells are
+evicted and renumbered, a new query attends to keys that were computed (and
+RoPE-rotated) when their tokens were evaluated, then rotated again by their
+change of position. :class:`CachedReference` models exactly that:
+
+* :meth:`step` evaluates tokens at given positions over the cache and appends
+  their (rotated) K and V, layer by layer;
+* :meth:`keep` drops every entry but the given token indices (eviction);
+* :meth:`compact` renumbers the entries 0..n-1 in position order and rotates
+  each K by its change of position (RoPE composes: R(p + d) = R(d) R(p)), as
+  llama.cpp's K-shift does.
+
+The mask is by position, as llama.cpp's: a query at position p sees the
+entries at positions <= p.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import numpy as np
+
+from .reference import ReferenceLlama
+
+__all__ = ["CachedReference"]
+
+
+class CachedReference:
+    def __init__(self, ref: ReferenceLlama):
+        self.ref = ref
+        L, Hkv, hd = ref.n_layer, ref.n_head_kv, ref.head_dim
+        self.k: List[np.ndarray] = [np.zeros((0, Hkv, hd)) for _ in range(L)]
+        self.v: List[np.ndarray] = [np.zeros((0, Hkv, hd)) for _ in range(L)]
+        self.pos = np.zeros(0, dtype=np.int64)  # cache position of each entry
+        self.token_index = np.zeros(0, dtype=np.int64)  # index of the token in its sequence
+        self.n_seen = 0  # tokens evaluated so far
+
+    def step(self, tokens: Sequence[int], positions: Sequence[int]) -> np.ndarray:
+        """Evaluate ``tokens`` at cache ``positions``; returns their logits [n, n_vocab]."""
+        r = self.ref
+        tok = np.asarray(tokens, dtype=np.int64)
+        qpos = np.asarray(positions, dtype=np.int64)
+        n = len(tok)
+        H, Hkv, hd = r.n_head, r.n_head_kv, r.head_dim
+        group = H // Hkv
+        scale = 1.0 / np.sqrt(hd)
+        kpos = np.concatenate([self.pos, qpos])
+        masked = kpos[None, :] > qpos[:, None]  # [n, n_cache + n]
+
+        x = r.w["token_embd.weight"][tok]
+        for il in range(r.n_layer):
+            p = f"blk.{il}."
+            h = r._rms(x, r.w[p + "attn_norm.weight"])
+            q = r._mm(h, p + "attn_q.weight").reshape(n, H, hd)
+            k = r._mm(h, p + "attn_k.weight").reshape(n, Hkv, hd)
+            v = r._mm(h, p + "attn_v.weight").reshape(n, Hkv, hd)
+            q, k = r._rope(q, qpos), r._rope(k, qpos)
+            self.k[il] = np.concatenate([self.k[il], k])
+            self.v[il] = np.concatenate([self.v[il], v])
+            kk = np.repeat(self.k[il], group, axis=1)
+            vv = np.repeat(self.v[il], group, axis=1)
+            att = np.einsum("qhd,khd->hqk", q, kk) * scale
+            att[:, masked] = -np.inf
+            att -= att.max(axis=-1, keepdims=True)
+            e = np.exp(att)
+            pr = e / e.sum(axis=-1, keepdims=True)
+            o = np.einsum("hqk,khd->qhd", pr, vv).reshape(n, H * hd)
+            x = x + r._mm(o, p + "attn_output.weight")
+            h = r._rms(x, r.w[p + "ffn_norm.weight"])
+            g = r._mm(h, p + "ffn_gate.weight")
+            u = r._mm(h, p + "ffn_up.weight")
+            x = x + r._mm((g / (1.0 + np.exp(-g))) * u, p + "ffn_down.weight")
+        self.pos = kpos
+        self.token_index = np.concatenate([self.token_index, self.n_seen + np.arange(n)])
+        self.n_seen += n
+        x = r._rms(x, r.w["output_norm.weight"])
+        return r._mm(x, "output.weight")
+
+    def keep(self, token_indices: Sequence[int]) -> None:
+        """Evict every entry whose token index is not listed."""
+        sel = np.isin(self.token_index, np.asarray(token_indices, dtype=np.int64))
+        self._select(sel)
+
+    def compact(self) -> int:
+        """Renumber the entries 0..n-1 in position order, K rotated by the change; returns n."""
+        order = np.argsort(self.pos, kind="stable")
+        self._select(order)
+        new = np.arange(len(self.pos), dtype=np.int64)
+        delta = new - self.pos
+        self.k = [self.ref._rope(k, delta) for k in self.k]
+        self.pos = new
+        return len(new)
+
+    def _select(self, sel: np.ndarray) -> None:
+        self.k = [k[sel] for k in self.k]
+        self.v = [v[sel] for v in self.v]
+        self.pos = self.pos[sel]
+        self.token_index = self.token_index[sel]

@@ -1,0 +1,165 @@
+"""Position compaction (positions="cache" / "training"): endless streams on a bounded cache.
+
+The exactness claim: after renumbering, the logits equal a numpy model whose
+cached K (as computed when each token was read) is rotated to the new positions
+and whose next queries take the positions after them."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from llama_cpp import GGML_TYPE_F32
+
+from a2sf import Llama
+from a2sf.testing.reference import ReferenceLlama
+from a2sf.testing.reference_cache import CachedReference
+from a2sf.testing.tiny_gguf import write_tiny_llama
+from conftest import require_module
+
+CHUNK = 8
+
+
+@pytest.fixture(scope="module")
+def ref(tiny_f32):
+    return ReferenceLlama(tiny_f32)
+
+
+def _tokens(n, seed=0):
+    return [int(t) for t in np.random.default_rng(seed).integers(3, 290, n)]
+
+
+def _stream(llm, ref, tokens):
+    """Feed tokens chunk by chunk through llm and, mirrored, through the reference;
+    returns (engine logits, reference logits) of every token."""
+    r = CachedReference(ref)
+    got, want = [], []
+    kept = np.zeros(0, dtype=np.int64)
+    for i in range(0, len(tokens), CHUNK):
+        chunk = tokens[i:i + CHUNK]
+        n_comp = llm.kv_stats()["compactions"]
+        llm.eval(chunk)
+        kv = llm.kv_scores()
+        if llm.kv_stats()["compactions"] > n_comp:
+            r.compact()  # before this chunk's decode, as the engine did
+        r.keep(np.intersect1d(kept, kv.token_index))  # evicted inside this decode
+        new = np.isin(kv.token_index, np.arange(i, i + len(chunk)))
+        pos = kv.positions[new][np.argsort(kv.token_index[new])]
+        want.append(r.step(chunk, pos))
+        got.append(np.array(llm.scores[i:i + len(chunk)], dtype=np.float64))
+        kept = kv.token_index
+    return np.concatenate(got), np.concatenate(want)
+
+
+@pytest.mark.parametrize("flash_attn", [False, True])
+@pytest.mark.parametrize("policy", ["streaming", "h2o", "tova", "a2sf", "vatp", "mean", "random"])
+def test_logits_after_compaction_equal_the_rotated_reference(tiny_f32, ref, policy, flash_attn):
+    llm = Llama(tiny_f32, n_ctx=256, n_batch=CHUNK, n_ubatch=CHUNK, n_threads=1, logits_all=True,
+                kv_policy=policy, positions="cache", n_sink=2, n_recent=8, flash_attn=flash_attn,
+                type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, verbose=False)
+    got, want = _stream(llm, ref, _tokens(520))
+    st = llm.kv_stats()
+    assert st["compactions"] >= 3 and st["evictions"] >= 3
+    kv = llm.kv_scores()
+    assert kv.positions.max() < 256 + CHUNK  # positions stay within the cache
+    assert kv.token_index.max() == 519
+    # CPU flash attention rounds K/V through F16 (also without any compaction: ~2e-3)
+    tol = 5e-3 if flash_attn else 1e-4
+    assert np.abs(got - want).max() <= tol * np.abs(want).max()
+    llm.close()
+
+
+def test_scores_cells_and_tokens_survive_a_compaction(tiny_f32):
+    llm = Llama(tiny_f32, n_ctx=256, n_threads=1, kv_policy="vatp", positions="cache", verbose=False)
+    llm.eval(_tokens(60))
+    assert llm.kv_evict(10) == 10
+    before = llm.kv_scores()
+    llm.eval(_tokens(1, seed=5))  # the next batch compacts first
+    after = llm.kv_scores()
+    assert llm.kv_stats()["compactions"] == 1
+    assert after.positions[:-1].tolist() == list(range(len(before)))
+    assert (after.cells[:-1] == before.cells).all()
+    assert (after.token_index[:-1] == before.token_index).all() and after.token_index[-1] == 60
+    np.testing.assert_array_equal(after.scores[:, :-1] > 0, before.scores > 0)
+    llm.close()
+
+
+def test_training_mode_compacts_only_near_the_training_context(tmp_path):
+    path = write_tiny_llama(tmp_path / "short.gguf", n_ctx_train=384)
+    llm = Llama(str(path), n_ctx=256, n_batch=16, n_threads=1, kv_policy="a2sf", positions="training",
+                n_sink=2, n_recent=8, verbose=False)
+    toks = _tokens(1200)
+    max_pos = []
+    for i in range(0, len(toks), 16):
+        llm.eval(toks[i:i + 16])
+        max_pos.append(int(llm.kv_scores().positions.max()))
+    assert max(max_pos) < 384  # never past the training context
+    assert max(max_pos) > 256 + 16  # but positions grew past the cache between compactions
+    assert llm.kv_stats()["compactions"] >= 3
+    llm.close()
+
+
+def test_completion_runs_past_the_training_context_without_a_window_error(tmp_path):
+    path = write_tiny_llama(tmp_path / "short.gguf", n_ctx_train=300)
+    llm = Llama(str(path), n_ctx=256, n_threads=1, kv_policy="a2sf", seed=1, verbose=False)
+    assert llm.positions == "cache" and llm.context_window > 10**9
+    out = llm.create_completion("the cat", max_tokens=700, temperature=0.0)
+    assert out["usage"]["completion_tokens"] == 700  # the random model never says EOS
+    assert llm.n_tokens > 700 and llm.kv_scores().positions.max() < 256 + llm.n_batch
+    llm.close()
+
+
+def test_absolute_positions_keep_the_old_limit(tmp_path):
+    path = write_tiny_llama(tmp_path / "short.gguf", n_ctx_train=300)
+    llm = Llama(str(path), n_ctx=256, n_threads=1, kv_policy="a2sf", positions="absolute", verbose=False)
+    assert llm.context_window == 300
+    llm.eval(_tokens(290))
+    assert llm.kv_stats()["compactions"] == 0 and llm.kv_scores().positions.max() == 289
+    llm.close()
+
+
+def test_save_load_state_keeps_the_token_index(tiny_f32):
+    llm = Llama(tiny_f32, n_ctx=256, n_batch=8, n_threads=1, kv_policy="a2sf", positions="cache", verbose=False)
+    llm.eval(_tokens(400))
+    assert llm.kv_stats()["compactions"] > 0
+    before = llm.kv_scores()
+    state = llm.save_state()
+    llm.reset()
+    llm.eval(_tokens(20, seed=3))
+    llm.load_state(state)
+    after = llm.kv_scores()
+    assert (after.token_index == before.token_index).all() and (after.positions == before.positions).all()
+    llm.eval(_tokens(1, seed=4))  # continues at the position after the kept cells
+    assert llm.kv_scores().token_index.max() == 400
+    llm.close()
+
+
+def test_prefix_reuse_after_compaction_only_continues(tiny_f32):
+    llm = Llama(tiny_f32, n_ctx=256, n_batch=8, n_threads=1, kv_policy="a2sf", positions="cache", verbose=False)
+    toks = _tokens(400)
+    llm.eval(toks)
+    assert llm._a2sf_compacted()
+    llm._a2sf_drop_evicted_prefix(toks + [5, 6])  # a continuation: kept
+    assert llm.n_tokens == 400
+    llm._a2sf_drop_evicted_prefix(toks[:300] + [7])  # a partial prefix: start over
+    assert llm.n_tokens == 0
+    llm.close()
+
+
+def test_learned_positions_refuse_compaction(tmp_path):
+    require_module("transformers")
+    from a2sf.convert import convert_opt
+    from a2sf.testing.tiny_opt import write_tiny_opt
+
+    d = write_tiny_opt(tmp_path / "opt")
+    out = tmp_path / "opt.gguf"
+    convert_opt(d, out)
+    with pytest.raises(ValueError, match="learned absolute position"):
+        Llama(str(out), n_ctx=256, kv_policy="a2sf", positions="cache", verbose=False)
+    llm = Llama(str(out), n_ctx=256, kv_policy="a2sf", verbose=False)
+    assert llm.positions == "absolute"
+    llm.close()
+
+
+@pytest.mark.parametrize("bad", ["relative", 3, ""])
+def test_bad_positions_setting_is_a_python_error(tiny_f32, bad):
+    with pytest.raises((ValueError, TypeError), match="positions"):
+        Llama(tiny_f32, n_ctx=256, kv_policy="a2sf", positions=bad, verbose=False)
