@@ -193,7 +193,9 @@ def test_after_eviction_the_evicted_cells_are_gone_from_attention(core, tiny_f32
     keys masked for every later query (the freed cells are reused by new tokens)."""
     prompt, decode = tokens
     pol = make_policy(policy, n_sink=2, n_recent=8)
-    llm = _llm(tiny_f32, pol, logits_all=True)
+    # absolute positions: the reference keeps every token at its index (compaction, the
+    # default for RoPE models, is checked against a rotated cache in test_compaction.py)
+    llm = _llm(tiny_f32, pol, logits_all=True, positions="absolute")
     llm.eval(prompt)
     n = len(prompt)
     assert llm.kv_evict(10) == 10
