@@ -47,6 +47,7 @@ from ._llama.base import _INT32_MAX, core as _core, ctx_address as _ctx_address
 from ._llama.batch import check_batch_sizes, fit_batch
 from ._llama.growth import GrowingSequence
 from ._llama.guards import InputGuards, check_seq_id
+from ._llama.budget import PromptCompression
 from ._llama.compaction import PositionCompaction, resolve_positions
 from ._llama.positions import PositionLimit
 from ._llama.prefix import PrefixReuse
@@ -83,7 +84,7 @@ class KVScores:
         return ("positions", "cells", "scores", "token_index")
 
 
-class Llama(InputGuards, PositionLimit, PositionCompaction, PrefixReuse, GrowingSequence):
+class Llama(InputGuards, PositionLimit, PositionCompaction, PrefixReuse, PromptCompression, GrowingSequence):
     """Drop-in llama_cpp.Llama with a KV-cache eviction policy.
 
     Args (besides llama_cpp.Llama's):
@@ -128,7 +129,9 @@ class Llama(InputGuards, PositionLimit, PositionCompaction, PrefixReuse, Growing
         self._a2sf_load(model_path, kwargs)
         self._a2sf_check_positions(max_positions)
         try:
-            positions = resolve_positions(extras.get("positions"), self._a2sf_position_limit is not None)
+            positions = resolve_positions(extras.get("positions"), self._a2sf_position_limit is not None,
+                                          policy.granularity != "token")
+            self._a2sf_start_budget(extras.get("kv_budget"))
         except ValueError:
             self.close()
             raise

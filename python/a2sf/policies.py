@@ -174,6 +174,9 @@ SETTINGS: Tuple[Setting, ...] = (
             "model's training context), absolute (never; the completion API stops at max_positions). "
             "Default: cache for RoPE models, absolute for learned positions (OPT, GPT-2)",
             choices=("cache", "training", "absolute")),
+    Setting("kv_budget", int, None, "prompt compression: after each prompt (an eval of more than one "
+            "token) keep this many cells of the sequence, chosen with the whole prompt's scores, moved "
+            "to the front of the cache", range=(1, _INT32_MAX)),
     Setting("max_positions", int, None, "with a policy: the longest sequence the completion API "
             "runs to (default: the model's training context, at least n_ctx)",
             range=(1, _INT32_MAX)),

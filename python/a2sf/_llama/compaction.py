@@ -24,10 +24,17 @@ from .base import _INT32_MAX, PolicyBase, core
 DEFAULT_POSITIONS = "cache"
 
 
-def resolve_positions(mode: Optional[str], learned_positions: bool) -> str:
-    """The positions mode a Llama runs with: the user's, or the default for its model."""
+def resolve_positions(mode: Optional[str], learned_positions: bool, per_unit: bool = False) -> str:
+    """The positions mode a Llama runs with: the user's, or the default for its model.
+
+    ``per_unit``: granularity "layer"/"head", whose moves leave a cell holding tokens
+    of different positions per head, which one K-shift per cell cannot renumber."""
     if mode is None:
-        return "absolute" if learned_positions else DEFAULT_POSITIONS
+        return "absolute" if learned_positions or per_unit else DEFAULT_POSITIONS
+    if per_unit and mode != "absolute":
+        raise ValueError(
+            f"positions={mode!r} needs granularity='token': with 'layer'/'head' a cell holds tokens "
+            "of different positions per head, so positions cannot be renumbered per cell")
     if mode not in POSITION_MODES:  # the settings table validated it already
         raise ValueError(f"positions must be one of {', '.join(POSITION_MODES)}, got {mode!r}")
     if learned_positions and mode != "absolute":

@@ -6,6 +6,8 @@
     python -m a2sf.eval kvpress # the same perplexity protocol with NVIDIA kvpress (torch)
     python -m a2sf.eval plots   # PNGs from the JSON results
     python -m a2sf.eval report  # rewrite README's eval section from the results
+    python -m a2sf.eval stream  # an endless stream at increasing depths (positions, compaction)
+    python -m a2sf.eval variants # every policy x granularity x mode against StreamingLLM
 
 Each protocol sweeps policies x budgets (and A2SF's alpha at one budget),
 appends one JSON record per (task, policy, budget, alpha, window) to
@@ -53,6 +55,11 @@ def build_parser(prog: str = "python -m a2sf.eval") -> argparse.ArgumentParser:
     p.add_argument("--windows", type=int, default=4)
     p.add_argument("--context", type=int, default=1024, help="context tokens fed through the cache")
     p.add_argument("--continuation", type=int, default=128, help="tokens scored after the context")
+    p.add_argument("--granularities", nargs="+", default=["token"], choices=["token", "layer", "head"],
+                   help="scored policies: who keeps its own tokens (streaming/random: token only)")
+    p.add_argument("--modes", nargs="+", default=["continuous"], choices=["continuous", "compress"],
+                   help="continuous: evict while the context streams in; compress: full prefill, then "
+                        "one compression to the budget (kvpress, A2SF's reference code)")
 
     p = sub.add_parser("mc", help="multiple choice (lm-eval style log-likelihood)")
     _common(p)
@@ -155,7 +162,8 @@ def cmd_ppl(args) -> int:
                     "threads": args.threads, "n_ctx": args.n_ctx,
                     "budget_of": "context tokens", "split": "n_sink=min(4,B//8), n_recent=(B-n_sink)//2, rest selected"}
         factory = RecordFactory("ppl", Path(args.texts).name, model, settings)
-        configs = build_sweep(args.policies, args.ratios, args.alphas, args.alpha_ratio)
+        configs = build_sweep(args.policies, args.ratios, args.alphas, args.alpha_ratio,
+                              granularities=args.granularities, modes=args.modes)
         store = ResultStore(args.out / "ppl.jsonl")
         n = run_ppl(runner, store, factory, configs, windows, args.context, args.chunk,
                     not args.no_progress)
@@ -267,9 +275,29 @@ COMMANDS = {"ppl": cmd_ppl, "mc": cmd_mc, "needle": cmd_needle, "kvpress": cmd_k
             "plots": cmd_plots, "report": cmd_report}
 
 
+def _stream_main(argv, prog):
+    from .stream import main as m
+
+    return m(argv, prog=prog)
+
+
+def _variants_main(argv, prog):
+    from .variants import main as m
+
+    return m(argv, prog=prog)
+
+
+#: subcommands parsed by their own module
+DELEGATED = {"stream": _stream_main, "variants": _variants_main}
+
+
 def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m a2sf.eval") -> int:
     """Entry point of ``python -m a2sf.eval`` (and ``a2sf eval``, which passes its own ``prog``)."""
-    args = build_parser(prog).parse_args(list(argv) if argv is not None else None)
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    # protocols with their own parsers (a2sf.eval.stream, a2sf.eval.variants)
+    if argv and argv[0] in DELEGATED:
+        return DELEGATED[argv[0]](argv[1:], prog=f"{prog} {argv[0]}")
+    args = build_parser(prog).parse_args(argv)
     try:
         return COMMANDS[args.cmd](args)
     except (ValueError, FileNotFoundError) as e:

@@ -64,10 +64,16 @@ class CacheConfig:
     ratio: Optional[float] = None  # fraction of the context kept (None: full cache)
     alpha: Optional[float] = None  # A2SF / VATP forgetting factor
     cells: Optional[int] = None  # a fixed budget in cells instead of a ratio (needle)
+    granularity: str = "token"  # token / layer / head (scored policies)
+    compress: bool = False  # full prefill, then one compression (else: evict while the context streams in)
 
     def __post_init__(self) -> None:
         if self.policy not in EVAL_POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; expected one of {EVAL_POLICIES}")
+        if self.granularity not in ("token", "layer", "head"):
+            raise ValueError(f"granularity must be token, layer or head, got {self.granularity!r}")
+        if self.granularity != "token" and self.policy in ("none", "streaming", "random"):
+            raise ValueError(f"{self.policy} has no scores: granularity is for the scored policies")
         if self.policy == "none":
             if self.ratio is not None or self.alpha is not None or self.cells is not None:
                 raise ValueError("policy 'none' takes no ratio, cells or alpha")
@@ -86,12 +92,18 @@ class CacheConfig:
                 raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
 
     @property
+    def variant(self) -> str:
+        """The policy with its granularity and mode: ``a2sf``, ``a2sf/head``, ``h2o/head+compress``."""
+        g = f"/{self.granularity}" if self.granularity != "token" else ""
+        return f"{self.policy}{g}{'+compress' if self.compress else ''}"
+
+    @property
     def label(self) -> str:
         if self.policy == "none":
             return "none"
         a = f",a={self.alpha:g}" if self.alpha is not None else ""
         b = f"{self.cells}c" if self.cells is not None else f"{self.ratio:g}"
-        return f"{self.policy}@{b}{a}"
+        return f"{self.variant}@{b}{a}"
 
     def budget(self, n_context: int, min_budget: int = 4) -> Optional[int]:
         """Cells kept for a context of ``n_context`` tokens (None: all)."""
@@ -104,6 +116,8 @@ class CacheConfig:
     def policy_for(self, budget: int):
         split = split_budget(budget)
         kw = dict(n_sink=split["n_sink"], n_recent=split["n_recent"])
+        if self.granularity != "token":
+            kw["granularity"] = self.granularity
         if self.policy in ("a2sf", "vatp") and self.alpha is not None:
             kw["forgetting_factor"] = float(self.alpha)
         return make_policy(self.policy, **kw)

@@ -46,7 +46,7 @@ def window_nll(runner: BudgetRunner, config: CacheConfig, tokens: Sequence[int],
     budget = config.budget(len(ctx))
     runner.set_config(config, budget)
     t0 = time.perf_counter()
-    last = runner.feed_context(ctx, budget, chunk_max)
+    last = runner.feed_context(ctx, budget, chunk_max, one_shot=config.compress)
     lp = runner.continuation_logprobs(last, cont, len(ctx))
     dt = time.perf_counter() - t0
     nll = float(-lp.sum())

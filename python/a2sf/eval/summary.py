@@ -13,7 +13,7 @@ from .store import ResultStore
 __all__ = ["load", "ppl_summary", "mc_summary", "needle_summary", "kvpress_summary", "paired_ppl",
            "paired_mc", "POLICY_ORDER"]
 
-POLICY_ORDER = ["none", "streaming", "random", "tova", "h2o", "a2sf", "vatp"]
+POLICY_ORDER = ["none", "streaming", "random", "tova", "h2o", "a2sf", "vatp", "mean"]
 
 
 def load(out: Path, name: str) -> List[Dict[str, Any]]:

@@ -14,7 +14,8 @@ DEFAULT_ALPHA = 0.95
 
 
 def build_sweep(policies: Sequence[str], ratios: Sequence[float], alphas: Sequence[float],
-                alpha_ratio: Optional[float], cells: Optional[int] = None) -> List[CacheConfig]:
+                alpha_ratio: Optional[float], cells: Optional[int] = None,
+                granularities: Sequence[str] = ("token",), modes: Sequence[str] = ("continuous",)) -> List[CacheConfig]:
     """Full cache first, then every policy at every budget, then the alpha sweep.
 
     A2SF runs at ``DEFAULT_ALPHA`` at every budget and at each of ``alphas`` at
@@ -30,7 +31,11 @@ def build_sweep(policies: Sequence[str], ratios: Sequence[float], alphas: Sequen
             if p == "none":
                 continue
             alpha = DEFAULT_ALPHA if p == "a2sf" else None
-            out.append(CacheConfig(p, alpha=alpha, **{kind: b}))
+            grans = ("token",) if p in ("streaming", "random") else granularities
+            for mode in modes:
+                for g in grans:
+                    out.append(CacheConfig(p, alpha=alpha, granularity=g, compress=mode == "compress",
+                                           **{kind: b}))
     if "a2sf" in policies and alphas:
         kind, b = ("cells", cells) if cells is not None else ("ratio", alpha_ratio)
         if b is not None:
@@ -52,7 +57,7 @@ class RecordFactory:
         self.code = code_identity()
 
     def key(self, config: CacheConfig, shots: int, window: Any):
-        return self.key_for(config.policy, self._ratio(config), config.alpha, shots, window)
+        return self.key_for(config.variant, self._ratio(config), config.alpha, shots, window)
 
     def key_for(self, policy: str, ratio: Optional[float], alpha: Optional[float], shots: int, window: Any):
         """The store key (``store.record_key``) of the record ``make_for`` would write."""
@@ -64,7 +69,9 @@ class RecordFactory:
 
     def make(self, config: CacheConfig, shots: int, window: Any, metrics: Dict[str, Any],
              extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-        return self.make_for(config.policy, self._ratio(config), config.alpha, shots, window, metrics,
+        extra = dict(extra or {}, granularity=config.granularity,
+                     mode="compress" if config.compress else "continuous")
+        return self.make_for(config.variant, self._ratio(config), config.alpha, shots, window, metrics,
                              cells=config.cells, label=config.label, extra=extra)
 
     def make_for(self, policy: str, ratio: Optional[float], alpha: Optional[float], shots: int, window: Any,
