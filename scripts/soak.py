@@ -94,7 +94,7 @@ def soak(
         bad = int((~np.isfinite(s.scores)).sum())
         n_nan += bad
         pos = s.positions
-        kept = set(pos.tolist())
+        kept = set(s.token_index.tolist())  # tokens, whatever positions compaction gave them
         rec = {
             "generated": generated,
             "fed": fed,
@@ -103,6 +103,8 @@ def soak(
             "cells_evicted": st["cells_evicted"],
             "evictions": st["evictions"],
             "nan_scores": bad,
+            "max_position": int(pos.max()) if len(pos) else -1,
+            "compactions": st["compactions"],
             "tok_per_s": round(generated / max(time.perf_counter() - t0, 1e-9), 1),
         }
         samples.append(rec)

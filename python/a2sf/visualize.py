@@ -121,7 +121,8 @@ def trace(
     stats: Dict[str, Any] = {}
     if active:
         ks = llm.kv_scores()
-        pos = np.asarray(ks.positions, dtype=np.int64)
+        # the token each cell holds (compaction renumbers cache positions, not tokens)
+        pos = np.asarray(ks.token_index, dtype=np.int64)
         scores = np.full((ks.scores.shape[0], n), np.nan, dtype=np.float32)
         kept[pos] = True
         scores[:, pos] = ks.scores
