@@ -8,6 +8,7 @@ import pytest
 from llama_cpp import GGML_TYPE_F32
 
 from a2sf import Llama
+from a2sf.policies import make_policy
 from a2sf.testing.reference import ReferenceLlama
 from a2sf.testing.reference_units import UnitReference
 
@@ -107,3 +108,70 @@ def test_head_granularity_moves_rows_and_counts_them(tiny_f32, ref):
     st = llm.kv_stats()
     assert st["move_events"] >= 1 and st["bytes_moved"] > 0
     llm.close()
+
+
+def test_state_round_trip_keeps_what_each_head_holds(tiny_f32, ref):
+    llm, _ = _run(tiny_f32, ref, "a2sf", "head", flash_attn=False)
+    pos, scores = llm.kv_head_scores()
+    state = llm.save_state()
+    other = Llama(tiny_f32, n_ctx=128, n_batch=UB, n_ubatch=UB, n_threads=1, logits_all=True,
+                  kv_policy="a2sf", granularity="head", verbose=False, type_k=GGML_TYPE_F32,
+                  type_v=GGML_TYPE_F32, **SETTINGS)
+    other.load_state(state)
+    pos2, scores2 = other.kv_head_scores()
+    assert (pos2 == pos).all(), np.argwhere(pos2 != pos)[:8]
+    np.testing.assert_array_equal(scores2, scores)
+    # and it continues exactly like the original
+    llm.eval([7])
+    other.eval([7])
+    np.testing.assert_allclose(other.scores[other.n_tokens - 1], llm.scores[llm.n_tokens - 1], rtol=1e-5, atol=1e-5)
+    llm.close()
+    other.close()
+
+
+def test_prompt_compression_keeps_the_budget_per_head_and_moves_cells_to_the_front(tiny_f32, ref):
+    llm = Llama(tiny_f32, n_ctx=256, n_batch=UB, n_ubatch=UB, n_threads=1, kv_policy="a2sf",
+                granularity="head", kv_budget=24, verbose=False, type_k=GGML_TYPE_F32,
+                type_v=GGML_TYPE_F32, **SETTINGS)
+    r = UnitReference(ref, "head", 0.95, SETTINGS["n_sink"], SETTINGS["n_recent"])
+    toks = _tokens(64, 3)
+    llm.eval(toks)  # a prompt: compressed to 24 cells after it was read
+    r.feed(toks, UB)
+    r.evict(64 - 24)
+    kv = llm.kv_scores()
+    assert len(kv) == 24 and sorted(kv.cells.tolist()) == list(range(24))  # the front of the cache
+    pos, _ = llm.kv_head_scores()
+    want = r.held()
+    for l in range(pos.shape[0]):
+        for h in range(pos.shape[1]):
+            assert sorted(pos[l, h].tolist()) == want[l][h].tolist(), (l, h)
+    llm.eval([5])  # decoding goes on after the compressed prompt
+    assert llm.kv_n_cells() == 25
+    llm.close()
+
+
+def test_cells_shared_with_another_sequence_never_move(tiny_f32):
+    from a2sf import _core
+    from test_multi_sequence import Ctx
+
+    c = Ctx(tiny_f32, n_seq_max=2, n_batch=8)
+    pol = make_policy("h2o", granularity="head", n_sink=1, n_recent=2, evict_chunk=0)
+    _core.set_policy(c.addr, **pol.to_native())
+    toks = _tokens(40, 4)
+    for i in range(0, 40, 8):
+        c.decode([(t, i + j, 0) for j, t in enumerate(toks[i:i + 8])])
+    # seq 1 shares the first 10 positions with seq 0 (a shared prefix)
+    import llama_cpp
+    llama_cpp.llama_memory_seq_cp(llama_cpp.llama_get_memory(c.ctx), 0, 1, 0, 10)
+    pos1, cells1, _ = _core.scores(c.addr, 1)
+    before = dict(zip(cells1.tolist(), pos1.tolist()))
+    assert _core.evict(c.addr, 0, 20) == 20
+    pos1, cells1, _ = _core.scores(c.addr, 1)
+    assert dict(zip(cells1.tolist(), pos1.tolist())) == before  # seq 1 untouched
+    hpos, _ = _core.head_scores(c.addr, 0)
+    _, cells0, _ = _core.scores(c.addr, 0)
+    for i, cell in enumerate(cells0.tolist()):
+        if cell in before:  # every head of seq 0 still holds the shared token there
+            assert (hpos[:, :, i] == before[cell]).all()
+    assert _core.stats(c.addr)["n_move_events"] >= 1  # the unshared cells did move
+    c.close()

@@ -193,9 +193,12 @@ void llama_kv_state_access::write_cells(const llama_kv_cache & kv, llama_io_writ
     if (n_units) {
         const uint32_t diverged = u.diverged[strm];
         io.write(&diverged, sizeof(diverged));
+        // each array over all ranges in turn: the reader's runs of cells differ from these ranges
         for (uint32_t k = 0; k < n_units; ++k) {
             for (const auto & r : ranges) {
                 io.write(&u.pos[u.at(strm, k, r.first)], (size_t) (r.second - r.first)*sizeof(int32_t));
+            }
+            for (const auto & r : ranges) {
                 io.write(&u.born[u.at(strm, k, r.first)], (size_t) (r.second - r.first)*sizeof(int64_t));
             }
         }
@@ -291,6 +294,8 @@ bool llama_kv_state_access::read_cells(llama_kv_cache & kv, llama_io_read_i & io
     for (uint32_t k = 0; k < u.n_units(); ++k) {
         for (const auto & r : runs) {
             io.read(&u.pos[u.at(strm, k, r.from)], (size_t) (r.to - r.from)*sizeof(int32_t));
+        }
+        for (const auto & r : runs) {
             io.read(&u.born[u.at(strm, k, r.from)], (size_t) (r.to - r.from)*sizeof(int64_t));
         }
     }

@@ -10,7 +10,7 @@
 //     cells    u32 magic 'A2SC', u32 n_layer, then per layer:
 //              u32 n_head_kv, f32 score[n_head_kv][cell_count], f32 vnorm[cell_count][n_head_kv];
 //              then u32 n_units (0: no layer/head map), and if n_units > 0:
-//              u32 diverged, per unit { i32 pos[cell_count], i64 born[cell_count] } (run by run),
+//              u32 diverged, per unit { i32 pos[cell_count], i64 born[cell_count] },
 //              u32 n_seq, { i64 seq_id, i64 n_queries } per sequence
 //     trailer  u32 has_rng, then (whole context only) the random policy's RNG as text
 //
