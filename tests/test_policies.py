@@ -226,7 +226,8 @@ def test_every_setting_has_a_cli_flag_and_a_server_field():
 
 NEW_ROW_SCRIPT = r"""
 import a2sf.policies as P
-row = P.Setting("positions", str, None, "what happens to positions", choices=("keep", "compact"))
+row = P.Setting("example_mode", str, None, "a made-up setting", choices=("keep", "drop"))
+assert row.name not in P.SETTINGS_BY_NAME
 P.SETTINGS = P.SETTINGS + (row,)
 P.SETTINGS_BY_NAME[row.name] = row
 import sys
@@ -235,26 +236,26 @@ from a2sf.cli import build_parser
 import a2sf.server as server
 
 ap = build_parser()
-args = ap.parse_args(["generate", "--kv-policy", "a2sf", "--positions", "compact", "x"])
-assert args.positions == "compact"
-m = server.A2SFModelSettings(model="m.gguf", kv_policy="a2sf", positions="compact")
-assert m.policy_kwargs() == {"kv_policy": "a2sf", "positions": "compact"}, m.policy_kwargs()
-assert m.policy_summary()["positions"] == "compact"
-_, (m,) = server.parse_settings(["--model", "m.gguf", "--kv-policy", "a2sf", "--positions", "keep"])
-assert m.positions == "keep"
+args = ap.parse_args(["generate", "--kv-policy", "a2sf", "--example-mode", "drop", "x"])
+assert args.example_mode == "drop"
+m = server.A2SFModelSettings(model="m.gguf", kv_policy="a2sf", example_mode="drop")
+assert m.policy_kwargs() == {"kv_policy": "a2sf", "example_mode": "drop"}, m.policy_kwargs()
+assert m.policy_summary()["example_mode"] == "drop"
+_, (m,) = server.parse_settings(["--model", "m.gguf", "--kv-policy", "a2sf", "--example_mode", "keep"])
+assert m.example_mode == "keep"
 try:
-    server.A2SFModelSettings(model="m.gguf", kv_policy="a2sf", positions="bogus")
+    server.A2SFModelSettings(model="m.gguf", kv_policy="a2sf", example_mode="bogus")
     raise AssertionError("no error")
 except ValueError as e:
-    assert "positions must be one of keep, compact" in str(e), e
-llm = Llama(sys.argv[1], n_ctx=128, kv_policy="a2sf", positions="compact", verbose=False)
+    assert "example_mode must be one of keep, drop" in str(e), e
+llm = Llama(sys.argv[1], n_ctx=128, kv_policy="a2sf", example_mode="drop", verbose=False)
 assert llm.a2sf_active
 llm.close()
 try:
-    Llama(sys.argv[1], n_ctx=128, kv_policy="a2sf", positions="bogus", verbose=False)
+    Llama(sys.argv[1], n_ctx=128, kv_policy="a2sf", example_mode="bogus", verbose=False)
     raise AssertionError("no error")
 except ValueError as e:
-    assert "positions must be one of" in str(e), e
+    assert "example_mode must be one of" in str(e), e
 print("ok")
 """
 
