@@ -257,6 +257,13 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m a2sf.bench") -
         from .bench_kvpress import section_kvpress
 
         blocks.append(section_kvpress(model, a.kvpress_context, a.kvpress_budget, a.decode, a.reps, a.threads))
+    # every table's caption carries the exact command that produced it
+    import shlex
+
+    cmd = " ".join([prog] + [shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:])])
+    for b in blocks:
+        b.insert(3, f"_command: `{cmd}`_")
+        b.insert(4, "")
     print("\n\n".join("\n".join(b) for b in blocks))
     return 0
 
