@@ -175,6 +175,17 @@ PYBIND11_MODULE(_core, m) {
         py::arg("ctx"), "Number of KV-cache layers that carry scores (0 without a plain KV cache).");
 
     m.def(
+        "scored_layers",
+        [](const py::object & ctx_obj) {
+            llama_context * ctx = as_ctx(ctx_obj);
+            const int32_t n = check(llama_kv_policy_scored_layer_ids(ctx, 0, nullptr), "llama_kv_policy_scored_layer_ids");
+            py::array_t<int32_t> ids(n);
+            check(llama_kv_policy_scored_layer_ids(ctx, n, ids.mutable_data()), "llama_kv_policy_scored_layer_ids");
+            return ids;
+        },
+        py::arg("ctx"), "Model layer index of each scored layer (the rows of scores()); iSWA models: the global layers.");
+
+    m.def(
         "n_cells",
         [](const py::object & ctx_obj, int32_t seq_id) {
             llama_context * ctx = as_ctx(ctx_obj);
@@ -254,7 +265,8 @@ PYBIND11_MODULE(_core, m) {
         },
         py::arg("ctx"), py::arg("seq_id") = 0,
         "Renumber the cells of seq_id to positions 0..n-1 (K re-rotated); returns n, the\n"
-        "position of the sequence's next token.");
+        "position of the sequence's next token (iSWA memory: start - n..start - 1 when the\n"
+        "sliding window holds more tokens than the global cache; returns start).");
 
     m.def(
         "head_scores",

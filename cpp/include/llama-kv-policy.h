@@ -74,7 +74,13 @@ LLAMA_API int32_t llama_kv_policy_set(struct llama_context * ctx, const struct l
 LLAMA_API int32_t llama_kv_policy_get(const struct llama_context * ctx, struct llama_kv_policy_params * out);
 
 // Number of KV-cache layers that carry scores (0 if the context has no plain KV cache).
+// With iSWA memory (Gemma 2/3: sliding-window layers in a cache of their own) these are
+// the global layers, the ones in llama.cpp's base cache.
 LLAMA_API int32_t llama_kv_policy_n_layers(const struct llama_context * ctx);
+
+// The model layer index of each scored layer, in the order of the score rows of
+// llama_kv_policy_scores: writes min(n, capacity) ids, returns n (the n_layers count).
+LLAMA_API int32_t llama_kv_policy_scored_layer_ids(const struct llama_context * ctx, int32_t capacity, int32_t * ids_out);
 
 // Number of cells currently holding seq_id (or a negative error code).
 LLAMA_API int32_t llama_kv_policy_n_cells(const struct llama_context * ctx, llama_seq_id seq_id);
@@ -136,6 +142,10 @@ LLAMA_API const char * llama_kv_policy_state_error(void);
 // Returns n, the position the next token of seq_id must take, or a negative error code
 // (ERR_SHIFT for models without RoPE; ERR_SHARED when a cell that would move also holds
 // another sequence: nothing is changed then).
+// iSWA memory (Gemma 2/3): the global-layer cache is renumbered so; the sliding-window
+// cache's cells of seq_id move by one delta, its newest onto the last renumbered
+// position (distances inside the window are kept exactly). If the window holds more
+// tokens m than the global cache's n, the positions are m-n..m-1 and m is returned.
 LLAMA_API int32_t llama_kv_policy_compact(struct llama_context * ctx, llama_seq_id seq_id);
 
 #ifdef __cplusplus

@@ -13,7 +13,17 @@
 //
 // Scores, value norms and cells are untouched: a cell keeps its token, only its
 // position changes. The caller (a2sf.Llama) gives the next tokens the positions
-// after the returned one.
+// from the returned one on.
+//
+// iSWA memory (Gemma 2/3): the base (global-layer) cache is renumbered as above;
+// the SWA cache, whose window is a run of the newest positions, is shifted by one
+// delta so that its newest cell lands on the base's newest position. Distances
+// inside the window -- all an SWA layer sees of positions, under RoPE and its
+// window mask -- are unchanged, so the SWA layers compute exactly what they did.
+// When the window holds more tokens than the base cache (a window wider than
+// n_ctx), the base positions start at off = window - n instead of 0, so that no
+// window cell would need a negative position; the return value is then off + n.
+// Cells already outside the window drop out (a negative position frees them).
 
 #include "llama-kv-score.h"
 
@@ -39,6 +49,13 @@ int32_t llama_kv_score_access::compact_seq(llama_context & lctx, int32_t seq_id)
     if (kv->hparams.rope_type == LLAMA_ROPE_TYPE_NONE || !kv->get_can_shift()) {
         return LLAMA_KV_POLICY_ERR_SHIFT;
     }
+    // iSWA: one delta keeps a standard window's distances; a chunked window (aligned to
+    // multiples of n_swa) or a symmetric one would change which tokens it holds
+    llama_kv_cache * swa = get_swa(lctx);
+    if (swa != nullptr && (swa->other != nullptr || !swa->get_can_shift() || swa->swa_type != LLAMA_SWA_TYPE_STANDARD ||
+                           !valid_seq(*swa, seq_id))) {
+        return LLAMA_KV_POLICY_ERR_SHIFT;
+    }
 
     const uint32_t strm = kv->seq_to_stream.empty() ? 0 : kv->seq_to_stream[seq_id];
     auto & cells = kv->v_cells[strm];
@@ -61,21 +78,48 @@ int32_t llama_kv_score_access::compact_seq(llama_context & lctx, int32_t seq_id)
 
     const int32_t n = (int32_t) order.size();
 
+    // iSWA: the SWA cache's cells of the sequence, and the run of them inside the window
+    std::vector<std::pair<llama_pos, uint32_t>> swa_cells;
+    llama_pos swa_max = -1;
+    int32_t   n_window = 0;
+    if (swa != nullptr) {
+        auto & sc = swa->v_cells[swa->seq_to_stream.empty() ? 0 : swa->seq_to_stream[seq_id]];
+        swa_max = sc.seq_pos_max(seq_id);
+        for (uint32_t c = 0; c < sc.size(); ++c) {
+            if (!sc.is_empty(c) && sc.seq_has(c, seq_id)) {
+                swa_cells.emplace_back(sc.pos_get(c), c);
+                if (!llama_hparams::is_masked_swa(swa->n_swa, swa->swa_type, sc.pos_get(c), swa_max + 1)) {
+                    n_window++;
+                }
+            }
+        }
+    }
+    const int32_t off = std::max(0, n_window - n); // first base position
+
     // a cell shared with another sequence holds one position for all of them:
     // it may only stay where it is (a shared prefix that was never evicted does)
     for (int32_t i = 0; i < n; ++i) {
-        if (order[i].first != i && cells.seq_count(order[i].second) > 1) {
+        if (order[i].first != off + i && cells.seq_count(order[i].second) > 1) {
             return LLAMA_KV_POLICY_ERR_SHARED;
+        }
+    }
+    const llama_pos d_swa = swa_cells.empty() ? 0 : (off + n - 1) - swa_max;
+    if (d_swa != 0) {
+        auto & sc = swa->v_cells[swa->seq_to_stream.empty() ? 0 : swa->seq_to_stream[seq_id]];
+        for (const auto & pc : swa_cells) {
+            if (sc.seq_count(pc.second) > 1) {
+                return LLAMA_KV_POLICY_ERR_SHARED;
+            }
         }
     }
 
     const int64_t t0 = ggml_time_us();
 
-    // ascending: cell i moves down to position i <= its old one, below every cell
+    // ascending: cell i moves down to position off + i <= its old one, below every cell
     // not yet moved, so no two cells of the sequence ever share a position
     bool moved = false;
     for (int32_t i = 0; i < n; ++i) {
-        const llama_pos d = i - order[i].first;
+        const llama_pos d = off + i - order[i].first;
         if (d != 0) {
             cells.pos_add(order[i].second, d);
             moved = true;
@@ -87,6 +131,16 @@ int32_t llama_kv_score_access::compact_seq(llama_context & lctx, int32_t seq_id)
         }
     }
 
+    if (d_swa != 0) {
+        // one delta for the whole window (ascending: d_swa < 0 moves every cell down)
+        auto & sc = swa->v_cells[swa->seq_to_stream.empty() ? 0 : swa->seq_to_stream[seq_id]];
+        std::sort(swa_cells.begin(), swa_cells.end());
+        for (const auto & pc : swa_cells) {
+            sc.pos_add(pc.second, d_swa); // a cell below position 0 (out of the window) is freed
+        }
+        moved = true;
+    }
+
     if (moved) {
         lctx.synchronize();
         lctx.memory_update(false); // the K-shift graph, now
@@ -96,5 +150,5 @@ int32_t llama_kv_score_access::compact_seq(llama_context & lctx, int32_t seq_id)
     st.n_compactions += moved;
     st.t_compact_us  += ggml_time_us() - t0;
 
-    return n;
+    return off + n;
 }

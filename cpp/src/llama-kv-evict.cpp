@@ -17,6 +17,7 @@
 #include "llama-context.h"
 #include "llama-impl.h"
 #include "llama-kv-cache.h"
+#include "llama-kv-cache-iswa.h"
 #include "llama-kv-policy.h"
 
 #include "ggml-backend.h"
@@ -36,7 +37,17 @@ struct kv_cell_rank {
 } // namespace
 
 llama_kv_cache * llama_kv_score_access::get_kv(const llama_context & lctx) {
+    if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(lctx.memory.get())) {
+        return iswa->get_base();
+    }
     return dynamic_cast<llama_kv_cache *>(lctx.memory.get());
+}
+
+llama_kv_cache * llama_kv_score_access::get_swa(const llama_context & lctx) {
+    if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(lctx.memory.get())) {
+        return iswa->get_swa();
+    }
+    return nullptr;
 }
 
 llama_kv_policy_cfg & llama_kv_score_access::cfg(llama_context & lctx) {
@@ -72,6 +83,16 @@ std::vector<ggml_tensor *> llama_kv_score_access::scored_layers(const llama_kv_c
     for (const auto & layer : kv.layers) {
         if (layer.score) {
             res.push_back(layer.score);
+        }
+    }
+    return res;
+}
+
+std::vector<int32_t> llama_kv_score_access::scored_layer_ids(const llama_kv_cache & kv) {
+    std::vector<int32_t> res;
+    for (const auto & layer : kv.layers) {
+        if (layer.score) {
+            res.push_back((int32_t) layer.il);
         }
     }
     return res;
@@ -417,6 +438,36 @@ int32_t llama_kv_score_access::evict_seq(llama_context & lctx, int32_t seq_id, i
     return n;
 }
 
+namespace {
+
+// A cell of an SWA cache that find_slot may overwrite: empty, or held by one sequence
+// and outside that sequence's window (llama_kv_cache::find_slot's own test)
+bool swa_reusable(const llama_kv_cells & cells, uint32_t n_swa, llama_swa_type swa_type, uint32_t c) {
+    if (cells.is_empty(c)) {
+        return true;
+    }
+    if (cells.seq_count(c) != 1) {
+        return false;
+    }
+    return llama_hparams::is_masked_swa(n_swa, swa_type, cells.pos_get(c), cells.seq_pos_max(cells.seq_get(c)) + 1);
+}
+
+// the positions of seq_id's cells in an SWA cache that are still inside its window
+// and held by it alone, oldest first: what the SWA cache can give up
+std::vector<llama_pos> swa_window(const llama_kv_cells & cells, uint32_t n_swa, llama_swa_type swa_type, llama_seq_id seq_id) {
+    std::vector<llama_pos> res;
+    for (uint32_t c = 0; c < cells.size(); ++c) {
+        if (!cells.is_empty(c) && cells.seq_has(c, seq_id) && !swa_reusable(cells, n_swa, swa_type, c) &&
+            cells.seq_count(c) == 1) {
+            res.push_back(cells.pos_get(c));
+        }
+    }
+    std::sort(res.begin(), res.end());
+    return res;
+}
+
+} // namespace
+
 int32_t llama_kv_score_access::evict_for_batch(llama_context & lctx, const llama_batch_allocr & balloc) {
     const auto & c = lctx.cparams.kv_policy;
     if (c.kind() == LLAMA_KV_POLICY_NONE) {
@@ -467,10 +518,64 @@ int32_t llama_kv_score_access::evict_for_batch(llama_context & lctx, const llama
         }
     }
 
+    // iSWA memory: the SWA cache fails a batch too when its cells (fewer than its window
+    // when n_ctx is small) are all inside the window. It gives up its oldest tokens, as
+    // a shorter window would: per stream, the reusable cells (empty or out of the window)
+    // must cover the batch plus the chunk. Checked before either cache is touched.
+    llama_kv_cache * swa = get_swa(lctx);
+    std::map<llama_seq_id, int64_t> swa_drop; // per sequence: oldest window cells to free
+    if (swa != nullptr) {
+        const uint32_t n_stream_swa = swa->v_cells.size();
+        std::vector<int64_t> need(n_stream_swa, 0);
+        std::vector<int64_t> need_min(n_stream_swa, 0);
+        for (const auto & [sid, n] : n_add) {
+            const uint32_t strm = stream_of(swa->seq_to_stream, sid);
+            need[strm]     += n + c.params.evict_chunk;
+            need_min[strm] += n;
+        }
+        for (uint32_t s = 0; s < n_stream_swa; ++s) {
+            const auto & cells = swa->v_cells[s];
+            int64_t n_reusable = 0;
+            for (uint32_t i = 0; i < cells.size(); ++i) {
+                n_reusable += swa_reusable(cells, swa->n_swa, swa->swa_type, i);
+            }
+            need[s]     -= n_reusable;
+            need_min[s] -= n_reusable;
+        }
+        for (const auto & [sid, n] : n_add) {
+            const uint32_t strm = stream_of(swa->seq_to_stream, sid);
+            if (need[strm] <= 0) {
+                continue;
+            }
+            const int64_t have = (int64_t) swa_window(swa->v_cells[strm], swa->n_swa, swa->swa_type, sid).size();
+            const int64_t take = std::min<int64_t>({ need[strm], n + c.params.evict_chunk, have });
+            swa_drop[sid] = take;
+            need[strm]     -= take;
+            need_min[strm] -= take;
+        }
+        for (uint32_t s = 0; s < n_stream_swa; ++s) {
+            if (need_min[s] > 0) {
+                lctx.kv_score.t_evict_us += ggml_time_us() - t0;
+                return -1;
+            }
+        }
+    }
+
     lctx.synchronize();
 
     auto & st = lctx.kv_score;
-    int32_t n_freed = 0;
+    int32_t n_freed = 0;     // base cells (the engine's counters)
+    int32_t n_freed_swa = 0; // SWA cells
+
+    for (const auto & [sid, take] : swa_drop) {
+        if (take <= 0) {
+            continue;
+        }
+        const auto win = swa_window(swa->v_cells[stream_of(swa->seq_to_stream, sid)], swa->n_swa, swa->swa_type, sid);
+        // the oldest `take` tokens of the window (and the out-of-window ones below them)
+        swa->seq_rm(sid, -1, win[take - 1] + 1);
+        n_freed_swa += (int32_t) take;
+    }
 
     // each sequence gives up at most what it adds plus the chunk, until its stream fits
     for (const auto & [sid, n] : n_add) {
@@ -486,5 +591,5 @@ int32_t llama_kv_score_access::evict_for_batch(llama_context & lctx, const llama
 
     record_eviction(st, n_freed, t0);
 
-    return n_freed;
+    return n_freed + n_freed_swa;
 }

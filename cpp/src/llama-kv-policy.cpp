@@ -79,6 +79,21 @@ int32_t llama_kv_policy_n_layers(const struct llama_context * ctx) {
     return kv ? llama_kv_score_access::n_scored_layers(*kv) : 0;
 }
 
+int32_t llama_kv_policy_scored_layer_ids(const struct llama_context * ctx, int32_t capacity, int32_t * ids_out) {
+    if (ctx == nullptr || capacity < 0 || (capacity > 0 && ids_out == nullptr)) {
+        return LLAMA_KV_POLICY_ERR_ARG;
+    }
+    const llama_kv_cache * kv = llama_kv_score_access::get_kv(*ctx);
+    if (kv == nullptr) {
+        return 0;
+    }
+    const auto ids = llama_kv_score_access::scored_layer_ids(*kv);
+    for (size_t i = 0; i < ids.size() && (int32_t) i < capacity; ++i) {
+        ids_out[i] = ids[i];
+    }
+    return (int32_t) ids.size();
+}
+
 int32_t llama_kv_policy_n_cells(const struct llama_context * ctx, llama_seq_id seq_id) {
     if (ctx == nullptr) {
         return LLAMA_KV_POLICY_ERR_ARG;

@@ -17,6 +17,7 @@
 #include "llama-graph.h"
 #include "llama-impl.h"
 #include "llama-kv-cache.h"
+#include "llama-kv-cache-iswa.h"
 #include "llama-model.h"
 
 #include "ggml.h"
@@ -38,7 +39,7 @@ public:
     }
 
     bool can_reuse(const llm_graph_params & params) override {
-        mctx = static_cast<const llama_kv_cache_context *>(params.mctx);
+        mctx = llama_kv_score_access::base_context(params.mctx);
         const int64_t n_stream = w->ne[3];
         return w->ne[0]*n_stream == (int64_t) params.ubatch.n_tokens &&
                m->ne[0] == (int64_t) mctx->get_n_kv();
@@ -156,8 +157,34 @@ void llama_kv_score_access::set_score_inputs(const llama_kv_cache_context * mctx
     }
 }
 
+const llama_kv_cache_context * llama_kv_score_access::base_context(const llama_memory_context_i * mctx) {
+    if (const auto * iswa = dynamic_cast<const llama_kv_cache_iswa_context *>(mctx)) {
+        return iswa->get_base();
+    }
+    return static_cast<const llama_kv_cache_context *>(mctx);
+}
+
+bool llama_kv_score_access::is_swa_cache(const llama_kv_cache & kv) {
+    if (kv.swa_type == LLAMA_SWA_TYPE_NONE) {
+        return false;
+    }
+    // the sliding-window half of an iSWA pair: the model has global layers elsewhere
+    // (a model whose every layer is sliding-window keeps one cache, and scores it)
+    for (uint32_t il = 0; il < kv.hparams.n_layer(); ++il) {
+        if (!kv.hparams.is_swa(il)) {
+            return true;
+        }
+    }
+    return false;
+}
+
 void llama_kv_score_access::alloc_layer(llama_kv_cache & kv, ggml_context * ctx, uint32_t il, uint32_t kv_size, uint32_t n_stream) {
     auto & layer = kv.layers[kv.map_layer_ids.at(il)];
+
+    // the SWA cache of an iSWA memory keeps its window as llama.cpp does: no scores
+    if (is_swa_cache(kv)) {
+        return;
+    }
 
     layer.score = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, kv_size, kv.hparams.n_head_kv(il), n_stream);
     layer.vnorm = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, kv.hparams.n_head_kv(il), kv_size, n_stream);
@@ -227,12 +254,17 @@ void llama_kv_score_access::build_store_vnorm(const llm_graph_context & g, const
 void llama_kv_score_access::build_update(const llm_graph_context & g, const llm_graph_input_attn_kv * inp,
                                          ggml_tensor * q_cur, ggml_tensor * k, ggml_tensor * kq_mask,
                                          float kq_scale, ggml_tensor * attn_out, int il) {
+    build_update(g, inp->mctx, q_cur, k, kq_mask, kq_scale, attn_out, il);
+}
+
+void llama_kv_score_access::build_update(const llm_graph_context & g, const llama_kv_cache_context * mctx,
+                                         ggml_tensor * q_cur, ggml_tensor * k, ggml_tensor * kq_mask,
+                                         float kq_scale, ggml_tensor * attn_out, int il) {
     const auto & cfg = g.cparams.kv_policy;
     if (!cfg.scored()) {
         return;
     }
 
-    const llama_kv_cache_context * mctx = inp->mctx;
     const llama_kv_cache & kv = *mctx->kv;
     const auto & layer = kv.layers[kv.map_layer_ids.at(il)];
     if (layer.score == nullptr) {

@@ -21,6 +21,7 @@ struct llm_graph_params;
 class  llm_graph_input_attn_kv;
 class  llama_kv_cache;
 class  llama_kv_cache_context;
+class  llama_memory_context_i;
 class  llama_batch_allocr;
 
 // Runtime state of the engine for one llama_context (counters and the RNG of
@@ -83,6 +84,11 @@ struct llama_kv_score_access {
     static void build_update(const llm_graph_context & g, const llm_graph_input_attn_kv * inp,
                              ggml_tensor * q_cur, ggml_tensor * k, ggml_tensor * kq_mask,
                              float kq_scale, ggml_tensor * attn_out, int il);
+    // the same for llm_graph_context::build_attn (iSWA variant, global layers only):
+    // mctx is the base cache's context of the llama_kv_cache_iswa_context
+    static void build_update(const llm_graph_context & g, const llama_kv_cache_context * mctx,
+                             ggml_tensor * q_cur, ggml_tensor * k, ggml_tensor * kq_mask,
+                             float kq_scale, ggml_tensor * attn_out, int il);
 
     // llama_context::decode, when a batch found no slot: evict by the policy so that
     // the batch fits. Returns the number of cells freed, 0 if there is nothing to do
@@ -123,12 +129,21 @@ struct llama_kv_score_access {
     static bool    uses_alibi(const llama_context & lctx);
 
     // helpers of the C API (llama-kv-policy.cpp)
+    // the cache the engine scores and evicts in: the context's llama_kv_cache, or the
+    // base (global-layer) cache of a llama_kv_cache_iswa; nullptr for other memory
     static llama_kv_cache        * get_kv(const llama_context & lctx);
+    // the sliding-window cache of a llama_kv_cache_iswa (nullptr otherwise): it keeps
+    // its own window, with no scores; eviction and compaction keep it consistent
+    static llama_kv_cache        * get_swa(const llama_context & lctx);
+    // the base cache's context of a batch's memory context (plain or iSWA)
+    static const llama_kv_cache_context * base_context(const llama_memory_context_i * mctx);
+    static bool                    is_swa_cache(const llama_kv_cache & kv);
     static llama_kv_policy_cfg   & cfg(llama_context & lctx);
     static llama_kv_score_state  & state(llama_context & lctx);
     static void                    invalidate_graphs(llama_context & lctx);
     static std::vector<ggml_tensor *> scored_layers(const llama_kv_cache & kv);
     static int32_t                 n_scored_layers(const llama_kv_cache & kv);
+    static std::vector<int32_t>    scored_layer_ids(const llama_kv_cache & kv); // model layer indices
     static int32_t                 n_cells(const llama_kv_cache & kv, int32_t seq_id);
     static int64_t                 n_cells_used(const llama_kv_cache & kv);
     static int32_t                 read_scores(llama_context & lctx, int32_t seq_id, int32_t capacity,

@@ -60,6 +60,11 @@ class PositionMap:
         self.offset = 0
 
     @property
+    def n_unheld(self) -> int:
+        """Positions below the first cell of the last compaction (0 but on iSWA memory)."""
+        return int(np.count_nonzero(self.renumbered < 0))
+
+    @property
     def compacted(self) -> bool:
         return self.offset != 0 or len(self.renumbered) > 0
 
@@ -82,7 +87,9 @@ class PositionMap:
         next_pos = self.position_of(next_token_index)
         if self.mode == "training":
             return next_pos + n_new > self.limit
-        return n_cells() < next_pos  # "cache": cells were evicted since the last compaction
+        # "cache": cells were evicted since the last compaction (positions below the
+        # first renumbered cell hold none: see compact)
+        return n_cells() + self.n_unheld < next_pos
 
     def compact(self, next_token_index: int, cache_positions: np.ndarray, compact: Callable[[], int]) -> None:
         """Run ``compact()`` (a2sf._core.compact for seq 0) and renumber the map.
@@ -92,9 +99,11 @@ class PositionMap:
         """
         t0 = time.perf_counter()
         held = self.token_index(np.sort(np.asarray(cache_positions, dtype=np.int64)))
-        n = int(compact())
-        assert n == len(held), (n, len(held))
-        self.renumbered = held
+        n = int(compact())  # the next position: len(held), or more on iSWA memory (below)
+        assert n >= len(held), (n, len(held))
+        # iSWA memory whose sliding window holds more tokens than the global cache: the
+        # cells take positions n-len(held)..n-1 (positions below hold no cell: -1)
+        self.renumbered = np.concatenate([np.full(n - len(held), -1, dtype=np.int64), held])
         self.offset = next_token_index - n
         self.n_compactions += 1
         self.compact_seconds += time.perf_counter() - t0

@@ -65,6 +65,11 @@ class KVScores:
     cells: np.ndarray  # int32 [n_cells]: cell index in the KV cache
     scores: np.ndarray  # float32 [n_layers, n_cells]
     token_index: Optional[np.ndarray] = None  # int64 [n_cells]: index of the token in input_ids
+    #: int32 [n_layers]: the model layer of each row of ``scores``. Every KV layer for most
+    #: models; for sliding-window (iSWA) models such as Gemma 2/3 only the global layers,
+    #: the ones in llama.cpp's base cache where a2sf scores and evicts (the
+    #: sliding-window layers keep their own window, unscored)
+    scored_layers: Optional[np.ndarray] = None
 
     @property
     def total(self) -> np.ndarray:
@@ -76,12 +81,12 @@ class KVScores:
 
     # dict-style access, for callers that prefer kv_scores()["scores"]
     def __getitem__(self, key: str) -> np.ndarray:
-        if key not in ("positions", "cells", "scores", "token_index"):
+        if key not in self.keys():
             raise KeyError(key)
         return getattr(self, key)
 
     def keys(self):
-        return ("positions", "cells", "scores", "token_index")
+        return ("positions", "cells", "scores", "token_index", "scored_layers")
 
 
 class Llama(InputGuards, PositionLimit, PositionCompaction, PrefixReuse, PromptCompression, GrowingSequence):
@@ -221,7 +226,8 @@ class Llama(InputGuards, PositionLimit, PositionCompaction, PrefixReuse, PromptC
         check_seq_id(seq_id)
         pos, cells, scores = _core().scores(self._a2sf_ctx(), seq_id)
         index = self._a2sf_token_index(pos) if seq_id == 0 else pos.astype(np.int64)
-        return KVScores(positions=pos, cells=cells, scores=scores, token_index=index)
+        return KVScores(positions=pos, cells=cells, scores=scores, token_index=index,
+                        scored_layers=_core().scored_layers(self._a2sf_ctx()))
 
     def kv_n_cells(self, seq_id: int = 0) -> int:
         """Number of KV cells holding ``seq_id``."""

@@ -52,7 +52,6 @@ class ReferenceLlama:
 
     def __init__(self, path: Union[str, os.PathLike], quantize_activations: bool = True):
         import gguf
-        from gguf.quants import dequantize
 
         r = gguf.GGUFReader(str(path))
         arch = _field(r, "general.architecture")
@@ -66,6 +65,12 @@ class ReferenceLlama:
         self.n_rot = int(_field(r, "llama.rope.dimension_count", self.head_dim))
         self.rope_base = float(_field(r, "llama.rope.freq_base", 10000.0))
         self.eps = float(_field(r, "llama.attention.layer_norm_rms_epsilon", 1e-5))
+        self._read_tensors(r, quantize_activations)
+
+    def _read_tensors(self, r, quantize_activations: bool) -> None:
+        """Every tensor of the GGUF reader ``r``, dequantized to float64 (numpy layout)."""
+        from gguf.quants import dequantize
+
         self.w: Dict[str, np.ndarray] = {}
         self.qtype: Dict[str, "gguf.GGMLQuantizationType"] = {}
         for t in r.tensors:
