@@ -74,6 +74,7 @@ def soak(
         kv_policy=policy,
         max_positions=n_tokens + 4096,  # positions keep growing; never the limit here
         n_threads=n_threads or min(4, os.cpu_count() or 1),
+        n_threads_batch=n_threads or min(4, os.cpu_count() or 1),
         seed=seed,
         verbose=False,
     )

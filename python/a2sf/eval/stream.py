@@ -56,7 +56,9 @@ def _llama(model: str, n_ctx: int, policy: str, positions: Optional[str], thread
     from ..llama import Llama
 
     kw = {} if positions is None else {"positions": positions}
-    return Llama(model, n_ctx=n_ctx, kv_policy=policy, n_threads=threads, verbose=False, **kw)
+    # n_threads_batch too: llama-cpp-python's default (all cores) spins against other jobs
+    return Llama(model, n_ctx=n_ctx, kv_policy=policy, n_threads=threads, n_threads_batch=threads,
+                 verbose=False, **kw)
 
 
 def run_stream(model: str, tokens: Sequence[int], policy: str, positions: str, n_ctx: int,
