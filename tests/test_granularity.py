@@ -37,6 +37,7 @@ def _run(tiny_f32, ref, policy, granularity, flash_attn, seed=0):
     alpha, value_aware, mean = POLICIES[policy]
     llm = Llama(tiny_f32, n_ctx=128, n_batch=UB, n_ubatch=UB, n_threads=1, logits_all=True,
                 kv_policy=policy, granularity=granularity, flash_attn=flash_attn, verbose=False,
+                positions="absolute",  # the reference replays token positions; compaction is tested apart
                 type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, **SETTINGS)  # F32 cache: exact moves
     r = UnitReference(ref, granularity, alpha, SETTINGS["n_sink"], SETTINGS["n_recent"],
                       value_aware=value_aware, mean_attention=mean)
@@ -115,7 +116,7 @@ def test_state_round_trip_keeps_what_each_head_holds(tiny_f32, ref):
     pos, scores = llm.kv_head_scores()
     state = llm.save_state()
     other = Llama(tiny_f32, n_ctx=128, n_batch=UB, n_ubatch=UB, n_threads=1, logits_all=True,
-                  kv_policy="a2sf", granularity="head", verbose=False, type_k=GGML_TYPE_F32,
+                  kv_policy="a2sf", granularity="head", positions="absolute", verbose=False, type_k=GGML_TYPE_F32,
                   type_v=GGML_TYPE_F32, **SETTINGS)
     other.load_state(state)
     pos2, scores2 = other.kv_head_scores()
@@ -175,3 +176,51 @@ def test_cells_shared_with_another_sequence_never_move(tiny_f32):
             assert (hpos[:, :, i] == before[cell]).all()
     assert _core.stats(c.addr)["n_move_events"] >= 1  # the unshared cells did move
     c.close()
+
+
+@pytest.mark.parametrize("flash_attn", [False, True])
+@pytest.mark.parametrize("granularity", ["layer", "head"])
+def test_per_head_compaction_renumbers_each_head_and_the_logits_follow(tiny_f32, ref, granularity, flash_attn):
+    """After per-head eviction, compaction renumbers each (layer, head)'s own tokens
+    0..n-1 and re-rotates its K by its own deltas; the next tokens' logits equal a numpy
+    cache in which each head's kept keys (as computed when read) are rotated so."""
+    from a2sf import _core
+    from a2sf.testing.reference_cache import UnitCachedReference
+
+    llm, r = _run(tiny_f32, ref, "a2sf", granularity, flash_attn=flash_attn)
+    # the same history in an incremental numpy cache, each unit dropping what the engine dropped
+    c = UnitCachedReference(ref)
+
+    def drop_evicted_by(t):  # what each unit had evicted once t tokens were read
+        for l in range(ref.n_layer):
+            for h in range(ref.n_head_kv):
+                c.keep(l, h, np.flatnonzero(r.evicted_at[l, h, :t] > t))
+
+    for start, stop, ub in ((0, 40, UB), (40, 56, UB), (56, 60, 1)):  # _run's history
+        drop_evicted_by(start)
+        for i in range(start, stop, ub):
+            c.step(r.tokens[i:i + ub], np.arange(i, i + ub))
+    drop_evicted_by(60)
+    pos0, _ = llm.kv_head_scores()
+    cells0 = llm.kv_scores().cells.tolist()
+    n = _core.compact(llm.ctx, 0)
+    c.compact()
+    pos1, _ = llm.kv_head_scores()
+    cells1 = llm.kv_scores().cells.tolist()
+    assert n == pos1.shape[2] and llm.kv_stats()["compactions"] == 1
+    for l in range(pos1.shape[0]):
+        for h in range(pos1.shape[1]):  # every unit holds 0..n-1, in the order of its old positions
+            assert sorted(pos1[l, h].tolist()) == list(range(n))
+            old, now = dict(zip(cells0, pos0[l, h].tolist())), dict(zip(cells1, pos1[l, h].tolist()))
+            assert sorted(old, key=old.get) == sorted(now, key=now.get)
+    assert sorted(llm.kv_scores().positions.tolist()) == list(range(n))
+    # the next tokens: cache positions n, n+1, ...; eval() would give them 60.. (positions
+    # are 'absolute' here), so decode them through the batch at the compacted positions
+    new = _tokens(3, 9)
+    want = c.step(new, np.arange(n, n + 3))
+    llm._batch.set_batch(new, n_past=n, logits_all=True)
+    llm._ctx.decode(llm._batch)
+    got = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(3, want.shape[1])).astype(np.float64)
+    tol = 5e-3 if flash_attn else 1e-4  # CPU flash attention rounds K/V through F16
+    assert np.abs(got - want).max() <= tol * np.abs(want).max()
+    llm.close()

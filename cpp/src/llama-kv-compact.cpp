@@ -61,10 +61,11 @@ int32_t llama_kv_score_access::compact_seq(llama_context & lctx, int32_t seq_id)
     auto & cells = kv->v_cells[strm];
 
     // after layer/head granularity moved tokens, a cell holds tokens of different
-    // positions per head: one shift per cell cannot renumber them
+    // positions per head: one shift per cell cannot renumber them, each unit is renumbered
+    // and re-rotated on its own (not with an iSWA window beside it)
     llama_kv_units & u = kv->a2sf_units;
     if (u.allocated() && u.diverged[strm]) {
-        return LLAMA_KV_POLICY_ERR_STATE;
+        return swa == nullptr ? compact_units(lctx, *kv, strm, seq_id) : LLAMA_KV_POLICY_ERR_STATE;
     }
 
     // the sequence's cells in position order
@@ -151,4 +152,79 @@ int32_t llama_kv_score_access::compact_seq(llama_context & lctx, int32_t seq_id)
     st.t_compact_us  += ggml_time_us() - t0;
 
     return off + n;
+}
+
+// Per-unit compaction (granularity LAYER / HEAD after tokens moved): every (layer, head)
+// renumbers its own tokens 0..n-1 in its own position order and its K rows are
+// re-rotated by their own deltas (llama-kv-move.cpp: one rope graph per layer, a shift per
+// (cell, head) row). A cell's llama.cpp position becomes the one its first unit's token
+// got: the positions of the cells stay a permutation of 0..n-1, the newest token (held in
+// the same cell by every unit) ends at n-1, so the mask and the next batch agree.
+int32_t llama_kv_score_access::compact_units(llama_context & lctx, llama_kv_cache & kv, uint32_t strm, int32_t seq_id) {
+    auto & cells = kv.v_cells[strm];
+    llama_kv_units & u = kv.a2sf_units;
+
+    for (const auto & layer : kv.layers) {
+        if (layer.k && ggml_is_quantized(layer.k->type)) {
+            return LLAMA_KV_POLICY_ERR_STATE; // the shift of a quantized K needs llama.cpp's rotation inputs
+        }
+    }
+    if (cells.get_has_shift()) {
+        lctx.memory_update(false); // pending K-shifts first: this one replaces llama.cpp's
+    }
+
+    std::vector<uint32_t> mine;
+    for (uint32_t c = 0; c < cells.size(); ++c) {
+        if (!cells.is_empty(c) && cells.seq_has(c, seq_id)) {
+            if (cells.seq_count(c) > 1) {
+                return LLAMA_KV_POLICY_ERR_SHARED;
+            }
+            mine.push_back(c);
+        }
+    }
+    const int32_t n = (int32_t) mine.size();
+
+    const int64_t t0 = ggml_time_us();
+
+    // each unit's new positions, in its own order
+    std::vector<std::vector<int32_t>> deltas(u.n_units(), std::vector<int32_t>(cells.size(), 0));
+    std::vector<std::vector<int32_t>> renum(u.n_units(), std::vector<int32_t>(cells.size(), -1));
+    bool moved = false;
+    for (uint32_t k = 0; k < u.n_units(); ++k) {
+        std::vector<std::pair<int32_t, uint32_t>> order;
+        for (uint32_t c : mine) {
+            order.emplace_back(u.pos[u.at(strm, k, c)], c);
+        }
+        std::sort(order.begin(), order.end());
+        for (int32_t i = 0; i < n; ++i) {
+            const uint32_t c = order[i].second;
+            deltas[k][c] = i - order[i].first;
+            renum[k][c]  = i;
+            moved |= deltas[k][c] != 0;
+        }
+    }
+    if (!moved) {
+        return n;
+    }
+    if (!rotate_unit_rows(lctx, kv, strm, deltas)) {
+        return LLAMA_KV_POLICY_ERR_STATE;
+    }
+    for (uint32_t k = 0; k < u.n_units(); ++k) {
+        for (uint32_t c : mine) {
+            u.pos[u.at(strm, k, c)] = renum[k][c];
+        }
+    }
+    // the cells' own positions: unit 0's; K is already rotated, so no K-shift may follow
+    for (uint32_t c : mine) {
+        const llama_pos d = renum[0][c] - cells.pos_get(c);
+        if (d != 0) {
+            cells.pos_add(c, d);
+        }
+    }
+    cells.reset_shift();
+
+    auto & st = lctx.kv_score;
+    st.n_compactions++;
+    st.t_compact_us += ggml_time_us() - t0;
+    return n;
 }

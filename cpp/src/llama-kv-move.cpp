@@ -25,11 +25,13 @@
 #include "llama-graph.h"
 #include "llama-impl.h"
 #include "llama-kv-cache.h"
+#include "llama-model.h"
 
 #include "ggml-backend.h"
 #include "ggml.h"
 
 #include <cstring>
+#include <functional>
 
 namespace {
 
@@ -52,10 +54,11 @@ public:
 
 } // namespace
 
-bool llama_kv_score_access::move_unit_rows(llama_context & lctx, llama_kv_cache & kv, uint32_t strm,
-                                           const std::vector<std::vector<std::pair<uint32_t, uint32_t>>> & moves) {
-    const int64_t t0 = ggml_time_us();
-
+// Build (through `build`) and compute a small graph on the context's scheduler, as
+// llama.cpp's K-shift does; the scheduler then holds this graph, so no graph of a
+// previous decode may be reused.
+static bool compute_side_graph(llama_context & lctx, const char * what,
+                               const std::function<void(ggml_context *, ggml_cgraph *, llm_graph_input_kv_move &)> & build) {
     lctx.synchronize();
 
     auto * sched = lctx.get_sched();
@@ -64,98 +67,102 @@ bool llama_kv_score_access::move_unit_rows(llama_context & lctx, llama_kv_cache 
     auto * res = lctx.get_gf_res_reserve();
     res->reset();
 
-    ggml_context * ctx = res->get_ctx();
-    ggml_cgraph  * gf  = res->get_gf();
-
     auto inp = std::make_unique<llm_graph_input_kv_move>();
-
-    const int64_t kv_size  = kv.get_size();
-    const uint32_t nh_max  = std::max<int32_t>(1, n_head_kv(kv));
-
-    // one gather + scatter of `rows` rows of width `width` of tensor t (viewed 2-D)
-    auto move = [&](ggml_tensor * t, int64_t width, std::vector<int32_t> src, std::vector<int64_t> dst) {
-        if (src.empty()) {
-            return;
-        }
-        ggml_tensor * view = ggml_reshape_2d(ctx, t, width, ggml_nelements(t)/width);
-        ggml_tensor * is = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, (int64_t) src.size());
-        ggml_tensor * id = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, (int64_t) dst.size());
-        ggml_set_input(is);
-        ggml_set_input(id);
-        ggml_tensor * rows = ggml_get_rows(ctx, view, is);
-        ggml_build_forward_expand(gf, ggml_set_rows(ctx, view, rows, id));
-        inp->i32.emplace_back(is, std::move(src));
-        inp->i64.emplace_back(id, std::move(dst));
-    };
-
-    int64_t n_bytes = 0;
-    uint32_t il_scored = 0;
-    for (const auto & layer : kv.layers) {
-        if (layer.score == nullptr) {
-            continue;
-        }
-        const uint32_t il  = layer.il;
-        const int64_t  nh  = layer.score->ne[1]; // this layer's KV heads
-        const int64_t  hdk = kv.hparams.n_embd_head_k(il);
-        const int64_t  hdv = kv.hparams.n_embd_head_v(il);
-
-        std::vector<int32_t> k_src, s_src, v_src;
-        std::vector<int64_t> k_dst, s_dst, v_dst;
-        for (int64_t h = 0; h < nh; ++h) {
-            const uint32_t unit = il_scored*nh_max + (uint32_t) h;
-            if (unit >= moves.size()) {
-                continue;
-            }
-            for (const auto & [src, dst] : moves[unit]) {
-                k_src.push_back((int32_t) ((strm*kv_size + src)*nh + h));
-                k_dst.push_back((int64_t) ((strm*kv_size + dst)*nh + h));
-                s_src.push_back((int32_t) ((strm*nh + h)*kv_size + src));
-                s_dst.push_back((int64_t) ((strm*nh + h)*kv_size + dst));
-                if (kv.v_trans && layer.v) {
-                    const int64_t ne0 = kv.hparams.n_embd_v_gqa_max(); // as llama_kv_cache::set_input_v_idxs
-                    for (int64_t d = 0; d < hdv; ++d) {
-                        v_src.push_back((int32_t) ((strm*ne0 + h*hdv + d)*kv_size + src));
-                        v_dst.push_back((int64_t) ((strm*ne0 + h*hdv + d)*kv_size + dst));
-                    }
-                }
-            }
-        }
-        if (k_src.empty()) {
-            ++il_scored;
-            continue;
-        }
-        n_bytes += (int64_t) k_src.size()*(ggml_row_size(layer.k->type, hdk) + (layer.v ? ggml_row_size(layer.v->type, hdv) : 0));
-
-        move(layer.k, hdk, k_src, k_dst);
-        if (layer.v) {
-            if (kv.v_trans) {
-                move(layer.v, 1, v_src, v_dst);
-            } else {
-                move(layer.v, hdv, k_src, k_dst);
-            }
-        }
-        move(layer.vnorm, 1, k_src, k_dst);
-        move(layer.score, 1, s_src, s_dst);
-        ++il_scored;
-    }
-
+    build(res->get_ctx(), res->get_gf(), *inp);
     res->add_input(std::move(inp));
 
     bool ok = true;
-    if (!ggml_backend_sched_alloc_graph(sched, gf)) {
-        LLAMA_LOG_ERROR("%s: failed to allocate the graph that moves KV rows\n", __func__);
+    if (!ggml_backend_sched_alloc_graph(sched, res->get_gf())) {
+        LLAMA_LOG_ERROR("%s: failed to allocate the graph that %s\n", __func__, what);
         ok = false;
     } else {
         res->set_inputs(nullptr);
-        if (lctx.graph_compute(gf, false) != GGML_STATUS_SUCCESS) {
-            LLAMA_LOG_ERROR("%s: failed to compute the graph that moves KV rows\n", __func__);
+        if (lctx.graph_compute(res->get_gf(), false) != GGML_STATUS_SUCCESS) {
+            LLAMA_LOG_ERROR("%s: failed to compute the graph that %s\n", __func__, what);
             ok = false;
         }
     }
     lctx.synchronize();
+    llama_kv_score_access::invalidate_graphs(lctx);
+    return ok;
+}
 
-    // the scheduler now holds this graph: nothing of the previous decode may be reused
-    invalidate_graphs(lctx);
+bool llama_kv_score_access::move_unit_rows(llama_context & lctx, llama_kv_cache & kv, uint32_t strm,
+                                           const std::vector<std::vector<std::pair<uint32_t, uint32_t>>> & moves) {
+    const int64_t t0 = ggml_time_us();
+    int64_t n_bytes = 0;
+
+    const bool ok = compute_side_graph(lctx, "moves KV rows", [&](ggml_context * ctx, ggml_cgraph * gf,
+                                                                  llm_graph_input_kv_move & inp) {
+        const int64_t kv_size  = kv.get_size();
+        const uint32_t nh_max  = std::max<int32_t>(1, n_head_kv(kv));
+
+        // one gather + scatter of `rows` rows of width `width` of tensor t (viewed 2-D)
+        auto move = [&](ggml_tensor * t, int64_t width, std::vector<int32_t> src, std::vector<int64_t> dst) {
+            if (src.empty()) {
+                return;
+            }
+            ggml_tensor * view = ggml_reshape_2d(ctx, t, width, ggml_nelements(t)/width);
+            ggml_tensor * is = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, (int64_t) src.size());
+            ggml_tensor * id = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, (int64_t) dst.size());
+            ggml_set_input(is);
+            ggml_set_input(id);
+            ggml_tensor * rows = ggml_get_rows(ctx, view, is);
+            ggml_build_forward_expand(gf, ggml_set_rows(ctx, view, rows, id));
+            inp.i32.emplace_back(is, std::move(src));
+            inp.i64.emplace_back(id, std::move(dst));
+        };
+
+        uint32_t il_scored = 0;
+        for (const auto & layer : kv.layers) {
+            if (layer.score == nullptr) {
+                continue;
+            }
+            const uint32_t il  = layer.il;
+            const int64_t  nh  = layer.score->ne[1]; // this layer's KV heads
+            const int64_t  hdk = kv.hparams.n_embd_head_k(il);
+            const int64_t  hdv = kv.hparams.n_embd_head_v(il);
+
+            std::vector<int32_t> k_src, s_src, v_src;
+            std::vector<int64_t> k_dst, s_dst, v_dst;
+            for (int64_t h = 0; h < nh; ++h) {
+                const uint32_t unit = il_scored*nh_max + (uint32_t) h;
+                if (unit >= moves.size()) {
+                    continue;
+                }
+                for (const auto & [src, dst] : moves[unit]) {
+                    k_src.push_back((int32_t) ((strm*kv_size + src)*nh + h));
+                    k_dst.push_back((int64_t) ((strm*kv_size + dst)*nh + h));
+                    s_src.push_back((int32_t) ((strm*nh + h)*kv_size + src));
+                    s_dst.push_back((int64_t) ((strm*nh + h)*kv_size + dst));
+                    if (kv.v_trans && layer.v) {
+                        const int64_t ne0 = kv.hparams.n_embd_v_gqa_max(); // as llama_kv_cache::set_input_v_idxs
+                        for (int64_t d = 0; d < hdv; ++d) {
+                            v_src.push_back((int32_t) ((strm*ne0 + h*hdv + d)*kv_size + src));
+                            v_dst.push_back((int64_t) ((strm*ne0 + h*hdv + d)*kv_size + dst));
+                        }
+                    }
+                }
+            }
+            if (k_src.empty()) {
+                ++il_scored;
+                continue;
+            }
+            n_bytes += (int64_t) k_src.size()*(ggml_row_size(layer.k->type, hdk) + (layer.v ? ggml_row_size(layer.v->type, hdv) : 0));
+
+            move(layer.k, hdk, k_src, k_dst);
+            if (layer.v) {
+                if (kv.v_trans) {
+                    move(layer.v, 1, v_src, v_dst);
+                } else {
+                    move(layer.v, hdv, k_src, k_dst);
+                }
+            }
+            move(layer.vnorm, 1, k_src, k_dst);
+            move(layer.score, 1, s_src, s_dst);
+            ++il_scored;
+        }
+    });
 
     auto & st = lctx.kv_score;
     st.n_move_events += ok;
@@ -163,4 +170,56 @@ bool llama_kv_score_access::move_unit_rows(llama_context & lctx, llama_kv_cache 
     st.t_move_us     += ggml_time_us() - t0;
 
     return ok;
+}
+
+bool llama_kv_score_access::rotate_unit_rows(llama_context & lctx, llama_kv_cache & kv, uint32_t strm,
+                                             const std::vector<std::vector<int32_t>> & deltas) {
+    const int64_t kv_size = kv.get_size();
+    const uint32_t nh_max = std::max<int32_t>(1, n_head_kv(kv));
+    const auto & cparams  = lctx.cparams;
+
+    return compute_side_graph(lctx, "re-rotates K per layer and head", [&](ggml_context * ctx, ggml_cgraph * gf,
+                                                                          llm_graph_input_kv_move & inp) {
+        uint32_t il_scored = 0;
+        for (const auto & layer : kv.layers) {
+            if (layer.score == nullptr) {
+                continue;
+            }
+            const uint32_t il = layer.il;
+            const int64_t  nh = layer.score->ne[1];
+            if (!kv.hparams.has_rope(il)) {
+                ++il_scored;
+                continue;
+            }
+            const int64_t n_rot  = kv.hparams.n_rot(il);
+            const int64_t hdk    = kv.hparams.n_embd_head_k(il);
+            const int64_t nope   = kv.hparams.n_lora_kv > 0 ? hdk - n_rot : 0;
+            const int64_t n_rows = nh*kv_size*(int64_t) kv.v_cells.size();
+
+            // one position shift per (cell, head) row: K viewed as n_rows "tokens" of one head
+            std::vector<int32_t> shift(n_rows, 0);
+            bool any = false;
+            for (int64_t h = 0; h < nh; ++h) {
+                const auto & d = deltas[il_scored*nh_max + h];
+                for (int64_t c = 0; c < kv_size; ++c) {
+                    shift[(strm*kv_size + c)*nh + h] = d[c];
+                    any |= d[c] != 0;
+                }
+            }
+            ++il_scored;
+            if (!any) {
+                continue;
+            }
+            ggml_tensor * k = ggml_view_3d(ctx, layer.k, n_rot, 1, n_rows,
+                                           ggml_row_size(layer.k->type, hdk), ggml_row_size(layer.k->type, hdk),
+                                           ggml_row_size(layer.k->type, nope));
+            ggml_tensor * pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_rows);
+            ggml_set_input(pos);
+            inp.i32.emplace_back(pos, std::move(shift));
+            ggml_build_forward_expand(gf, kv.build_rope_shift(cparams, ctx, k, pos, nullptr,
+                                                              kv.model.get_rope_factors(cparams, il),
+                                                              kv.model.get_rope_freq_base(cparams, il),
+                                                              kv.model.get_rope_freq_scale(cparams, il), il));
+        }
+    });
 }

@@ -122,6 +122,13 @@ struct llama_kv_score_access {
     static bool move_unit_rows(llama_context & lctx, llama_kv_cache & kv, uint32_t strm,
                                const std::vector<std::vector<std::pair<uint32_t, uint32_t>>> & moves);
 
+    // re-rotate K of single (layer, head) units: deltas[u][cell] is the change of position of
+    // the token unit u holds in that cell of stream strm (llama-kv-move.cpp)
+    static bool rotate_unit_rows(llama_context & lctx, llama_kv_cache & kv, uint32_t strm,
+                                 const std::vector<std::vector<int32_t>> & deltas);
+    // compaction of a stream whose units hold different tokens per cell (llama-kv-compact.cpp)
+    static int32_t compact_units(llama_context & lctx, llama_kv_cache & kv, uint32_t strm, int32_t seq_id);
+
     static int32_t head_scores(llama_context & lctx, int32_t seq_id, int32_t capacity,
                                int32_t * pos_out, float * scores_out);
     static int32_t compress_seq(llama_context & lctx, int32_t seq_id, int32_t n_keep);

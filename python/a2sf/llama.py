@@ -43,6 +43,8 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
+import llama_cpp
+
 from ._llama.base import _INT32_MAX, core as _core, ctx_address as _ctx_address
 from ._llama.batch import check_batch_sizes, fit_batch
 from ._llama.growth import GrowingSequence
@@ -134,8 +136,9 @@ class Llama(InputGuards, PositionLimit, PositionCompaction, PrefixReuse, PromptC
         self._a2sf_load(model_path, kwargs)
         self._a2sf_check_positions(max_positions)
         try:
+            iswa = len(core.scored_layers(self._a2sf_ctx())) < int(llama_cpp.llama_model_n_layer(self._model.model))
             positions = resolve_positions(extras.get("positions"), self._a2sf_position_limit is not None,
-                                          policy.granularity != "token")
+                                          policy.granularity != "token" and iswa)
             self._a2sf_start_budget(extras.get("kv_budget"))
         except ValueError:
             self.close()

@@ -24,17 +24,18 @@ from .base import _INT32_MAX, PolicyBase, core
 DEFAULT_POSITIONS = "cache"
 
 
-def resolve_positions(mode: Optional[str], learned_positions: bool, per_unit: bool = False) -> str:
+def resolve_positions(mode: Optional[str], learned_positions: bool, per_unit_beside_window: bool = False) -> str:
     """The positions mode a Llama runs with: the user's, or the default for its model.
 
-    ``per_unit``: granularity "layer"/"head", whose moves leave a cell holding tokens
-    of different positions per head, which one K-shift per cell cannot renumber."""
+    ``per_unit_beside_window``: granularity "layer"/"head" on an iSWA model: its moves
+    leave a cell holding tokens of different positions per head, which the engine
+    renumbers per head, but not in step with the sliding-window cache beside it."""
     if mode is None:
-        return "absolute" if learned_positions or per_unit else DEFAULT_POSITIONS
-    if per_unit and mode != "absolute":
+        return "absolute" if learned_positions or per_unit_beside_window else DEFAULT_POSITIONS
+    if per_unit_beside_window and mode != "absolute":
         raise ValueError(
-            f"positions={mode!r} needs granularity='token': with 'layer'/'head' a cell holds tokens "
-            "of different positions per head, so positions cannot be renumbered per cell")
+            f"positions={mode!r} needs granularity='token' on a sliding-window (iSWA) model: per-head "
+            "cells cannot be renumbered in step with the window cache")
     if mode not in POSITION_MODES:  # the settings table validated it already
         raise ValueError(f"positions must be one of {', '.join(POSITION_MODES)}, got {mode!r}")
     if learned_positions and mode != "absolute":

@@ -98,3 +98,77 @@ class CachedReference:
         self.v = [v[sel] for v in self.v]
         self.pos = self.pos[sel]
         self.token_index = self.token_index[sel]
+
+
+class UnitCachedReference:
+    """:class:`CachedReference` with each (layer, KV head) holding its own tokens.
+
+    After eviction per layer or per head (granularity ``"layer"``/``"head"``), every
+    unit keeps its own keys, and a compaction renumbers each unit's keys 0..n-1 in its
+    own order, rotating them by their own deltas. ``keep(l, h, token_indices)`` is a
+    unit's eviction; :meth:`step` and :meth:`compact` are as in CachedReference.
+    """
+
+    def __init__(self, ref: ReferenceLlama):
+        self.ref = ref
+        L, Hkv, hd = ref.n_layer, ref.n_head_kv, ref.head_dim
+        empty = lambda: [[np.zeros((0, hd)) for _ in range(Hkv)] for _ in range(L)]  # noqa: E731
+        self.k, self.v = empty(), empty()
+        self.pos = [[np.zeros(0, dtype=np.int64) for _ in range(Hkv)] for _ in range(L)]
+        self.tok = [[np.zeros(0, dtype=np.int64) for _ in range(Hkv)] for _ in range(L)]
+        self.n_seen = 0
+
+    def step(self, tokens: Sequence[int], positions: Sequence[int]) -> np.ndarray:
+        r = self.ref
+        tok = np.asarray(tokens, dtype=np.int64)
+        qpos = np.asarray(positions, dtype=np.int64)
+        n = len(tok)
+        H, Hkv, hd = r.n_head, r.n_head_kv, r.head_dim
+        group = H // Hkv
+        scale = 1.0 / np.sqrt(hd)
+        idx = self.n_seen + np.arange(n)
+        x = r.w["token_embd.weight"][tok]
+        for il in range(r.n_layer):
+            p = f"blk.{il}."
+            h_ = r._rms(x, r.w[p + "attn_norm.weight"])
+            q = r._rope(r._mm(h_, p + "attn_q.weight").reshape(n, H, hd), qpos)
+            k = r._rope(r._mm(h_, p + "attn_k.weight").reshape(n, Hkv, hd), qpos)
+            v = r._mm(h_, p + "attn_v.weight").reshape(n, Hkv, hd)
+            o = np.zeros((n, H, hd))
+            for hk in range(Hkv):
+                self.k[il][hk] = np.concatenate([self.k[il][hk], k[:, hk]])
+                self.v[il][hk] = np.concatenate([self.v[il][hk], v[:, hk]])
+                self.pos[il][hk] = np.concatenate([self.pos[il][hk], qpos])
+                self.tok[il][hk] = np.concatenate([self.tok[il][hk], idx])
+                masked = self.pos[il][hk][None, :] > qpos[:, None]
+                for g in range(group):
+                    hq = hk * group + g
+                    att = q[:, hq] @ self.k[il][hk].T * scale
+                    att[masked] = -np.inf
+                    att -= att.max(axis=-1, keepdims=True)
+                    e = np.exp(att)
+                    o[:, hq] = (e / e.sum(axis=-1, keepdims=True)) @ self.v[il][hk]
+            x = x + r._mm(o.reshape(n, H * hd), p + "attn_output.weight")
+            h_ = r._rms(x, r.w[p + "ffn_norm.weight"])
+            g_ = r._mm(h_, p + "ffn_gate.weight")
+            u = r._mm(h_, p + "ffn_up.weight")
+            x = x + r._mm((g_ / (1.0 + np.exp(-g_))) * u, p + "ffn_down.weight")
+        self.n_seen += n
+        x = r._rms(x, r.w["output_norm.weight"])
+        return r._mm(x, "output.weight")
+
+    def keep(self, il: int, hk: int, token_indices: Sequence[int]) -> None:
+        sel = np.isin(self.tok[il][hk], np.asarray(token_indices, dtype=np.int64))
+        for a in (self.k, self.v, self.pos, self.tok):
+            a[il][hk] = a[il][hk][sel]
+
+    def compact(self) -> None:
+        for il in range(self.ref.n_layer):
+            for hk in range(self.ref.n_head_kv):
+                order = np.argsort(self.pos[il][hk], kind="stable")
+                for a in (self.k, self.v, self.pos, self.tok):
+                    a[il][hk] = a[il][hk][order]
+                new = np.arange(len(order), dtype=np.int64)
+                delta = new - self.pos[il][hk]
+                self.k[il][hk] = self.ref._rope(self.k[il][hk][:, None, :], delta)[:, 0, :]
+                self.pos[il][hk] = new
