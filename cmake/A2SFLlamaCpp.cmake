@@ -52,9 +52,27 @@ set_property(DIRECTORY APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS
 
 # --- llama.cpp options ------------------------------------------------------
 set(BUILD_SHARED_LIBS ON CACHE BOOL "" FORCE)
-foreach(_opt LLAMA_BUILD_COMMON LLAMA_BUILD_TOOLS LLAMA_BUILD_TESTS LLAMA_BUILD_EXAMPLES
-             LLAMA_BUILD_SERVER LLAMA_BUILD_APP LLAMA_BUILD_MTMD LLAMA_CURL LLAMA_OPENSSL
-             LLAMA_TOOLS_INSTALL LLAMA_TESTS_INSTALL GGML_BUILD_TESTS GGML_BUILD_EXAMPLES)
+# A2SF_BUILD_SERVER: also configure llama.cpp's common library and tools so that
+# the `llama-server` target (tools/server, with our --kv-* flags from
+# cpp/server/) can be built from the same patched tree, linked to our libllama.
+# scripts/build-server.sh builds only that target (and ggml-rpc-server with
+# -DGGML_RPC=ON) in build/server; the wheel build leaves it OFF.
+option(A2SF_BUILD_SERVER "configure llama.cpp's llama-server (tools/server) with a2sf's --kv-* flags" OFF)
+set(_a2sf_off_opts LLAMA_BUILD_TESTS LLAMA_BUILD_EXAMPLES LLAMA_BUILD_APP LLAMA_CURL LLAMA_OPENSSL
+                   LLAMA_TOOLS_INSTALL LLAMA_TESTS_INSTALL GGML_BUILD_TESTS GGML_BUILD_EXAMPLES)
+if(A2SF_BUILD_SERVER)
+  foreach(_opt LLAMA_BUILD_COMMON LLAMA_BUILD_TOOLS LLAMA_BUILD_SERVER LLAMA_BUILD_MTMD)
+    set(${_opt} ON CACHE BOOL "set by a2sf (A2SF_BUILD_SERVER)" FORCE)
+  endforeach()
+  # no npm and no download of the web UI: the server serves its API only
+  list(APPEND _a2sf_off_opts LLAMA_BUILD_UI LLAMA_USE_PREBUILT_UI)
+  # every library beside the binaries (their rpath is $ORIGIN)
+  set(CMAKE_RUNTIME_OUTPUT_DIRECTORY "${CMAKE_BINARY_DIR}/bin")
+  set(CMAKE_LIBRARY_OUTPUT_DIRECTORY "${CMAKE_BINARY_DIR}/bin")
+else()
+  list(APPEND _a2sf_off_opts LLAMA_BUILD_COMMON LLAMA_BUILD_TOOLS LLAMA_BUILD_SERVER LLAMA_BUILD_MTMD)
+endif()
+foreach(_opt IN LISTS _a2sf_off_opts)
   set(${_opt} OFF CACHE BOOL "set by a2sf" FORCE)
 endforeach()
 # GGML_NATIVE keeps llama.cpp's default (ON for local builds); override with

@@ -577,11 +577,19 @@ int32_t llama_kv_score_access::evict_for_batch(llama_context & lctx, const llama
         n_freed_swa += (int32_t) take;
     }
 
+    // Only the streams that cannot take their tokens evict (when any cannot): with
+    // per-sequence streams (llama-server's parallel slots, kv_unified=false) a slot then
+    // evicts exactly when and what it would alone, whichever other slots share the batch.
+    bool any_short = false;
+    for (uint32_t s = 0; s < n_stream; ++s) {
+        any_short = any_short || short_by[s] > 0;
+    }
+
     // each sequence gives up at most what it adds plus the chunk, until its stream fits
     for (const auto & [sid, n] : n_add) {
         const uint32_t strm = stream_of(kv->seq_to_stream, sid);
         const int64_t want = std::min<int64_t>(deficit[strm], n + c.params.evict_chunk);
-        if (want <= 0) {
+        if (want <= 0 || (any_short && short_by[strm] <= 0)) {
             continue;
         }
         const int32_t got = evict_seq_impl(lctx, *kv, c, st, strm, sid, (int32_t) want);
