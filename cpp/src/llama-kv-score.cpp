@@ -29,6 +29,22 @@
 
 namespace {
 
+// Bounded prefill scoring: a query's weight is alpha^(later queries of its sequence), so
+// in a ubatch with one sequence per stream, query row t weighs alpha^(n-1-t). The rows
+// before the last k add at most n_group * alpha^k / (1 - alpha) < n_group * 1e-7 to any
+// cell's score: only the last k rows are scored (TOVA: the last one; H2O: all).
+int64_t score_rows(float alpha, const llama_ubatch & ub, int64_t n_tps, int64_t n_stream) {
+    if (alpha >= 1.0f || ub.n_seqs_unq != (uint32_t) n_stream) {
+        return n_tps; // several sequences per stream: their weights interleave
+    }
+    if (alpha <= 0.0f) {
+        return 1;
+    }
+    const double k = std::ceil(std::log(1e-7*(1.0 - alpha))/std::log((double) alpha));
+    return std::min<int64_t>(n_tps, std::max<int64_t>(1, (int64_t) k));
+}
+
+
 // The host-side inputs of the scoring ops; one per graph, shared by every layer.
 class llm_graph_input_kv_score : public llm_graph_input_i {
 public:
@@ -42,8 +58,11 @@ public:
         mctx = llama_kv_score_access::base_context(params.mctx);
         const int64_t n_stream = w->ne[3];
         return w->ne[0]*n_stream == (int64_t) params.ubatch.n_tokens &&
-               m->ne[0] == (int64_t) mctx->get_n_kv();
+               m->ne[0] == (int64_t) mctx->get_n_kv() &&
+               score_rows(cfg.params.forgetting_factor, params.ubatch, w->ne[0], n_stream) == n_rows;
     }
+
+    int64_t n_rows = 0; // query rows per stream that the graph scores (score_rows)
 
     ggml_tensor * w = nullptr; // F32 [n_tokens/n_stream, 1, 1, n_stream]: weight of each query
     ggml_tensor * m = nullptr; // F32 [n_kv, n_stream]: decay of each cell's old score
@@ -273,8 +292,18 @@ void llama_kv_score_access::build_update(const llm_graph_context & g, const llam
 
     ggml_context * ctx0 = g.ctx0;
 
-    // the probabilities [n_kv, n_tokens/n_stream, n_head, n_stream]
+    // the query rows that count (all but the far past of a long ubatch for alpha < 1)
+    const int64_t n_stream_q = k->ne[3];
+    const int64_t n_tps_all  = q_cur->ne[2]/n_stream_q;
+    const int64_t n_rows     = score_rows(cfg.params.forgetting_factor, g.ubatch, n_tps_all, n_stream_q);
+    const int64_t row0       = n_tps_all - n_rows;
+
+    // the probabilities [n_kv, n_rows, n_head, n_stream]
     ggml_tensor * probs = find_soft_max(attn_out, 5);
+    if (probs != nullptr && n_rows < n_tps_all) {
+        probs = ggml_cont(ctx0, ggml_view_4d(ctx0, probs, probs->ne[0], n_rows, probs->ne[2], probs->ne[3],
+                                             probs->nb[1], probs->nb[2], probs->nb[3], row0*probs->nb[1]));
+    }
     if (probs == nullptr) {
         // flash attention never materialises them: compute them the way build_attn_mha
         // would without flash attention (same mask, same scale)
@@ -293,10 +322,16 @@ void llama_kv_score_access::build_update(const llm_graph_context & g, const llam
             kq = ggml_mul_mat(ctx0, kp, q);                                      // [n_kv, n_group, n_head_kv, n_stream]
             kq = ggml_reshape_4d(ctx0, kq, kq->ne[0], 1, n_q_head, n_stream);    // head h = g + n_group*h_kv
         } else {
-            ggml_tensor * q = ggml_view_4d(ctx0, q_cur, q_cur->ne[0], n_q_head, n_tps_q, n_stream,
-                                           q_cur->nb[1], q_cur->nb[2], q_cur->nb[2]*n_tps_q, 0);
+            // only the rows that count: the last n_rows queries of each stream, and their mask rows
+            ggml_tensor * q = ggml_view_4d(ctx0, q_cur, q_cur->ne[0], n_q_head, n_rows, n_stream,
+                                           q_cur->nb[1], q_cur->nb[2], q_cur->nb[2]*n_tps_q, q_cur->nb[2]*row0);
             q = ggml_permute(ctx0, q, 0, 2, 1, 3);
             kq = ggml_mul_mat(ctx0, kp, q);
+            if (n_rows < n_tps_q) {
+                kq_mask = ggml_cont(ctx0, ggml_view_4d(ctx0, kq_mask, kq_mask->ne[0], n_rows, kq_mask->ne[2],
+                                                       kq_mask->ne[3], kq_mask->nb[1], kq_mask->nb[2],
+                                                       kq_mask->nb[3], row0*kq_mask->nb[1]));
+            }
         }
         ggml_prec_set_acc(kq, GGML_PREC_F32);
 
@@ -322,7 +357,8 @@ void llama_kv_score_access::build_update(const llm_graph_context & g, const llam
     }
     if (inp_score == nullptr) {
         auto in = std::make_unique<llm_graph_input_kv_score>(mctx, cfg);
-        in->w = ggml_new_tensor_4d(ctx0, GGML_TYPE_F32, n_tps, 1, 1, n_stream);
+        in->n_rows = n_rows;
+        in->w = ggml_new_tensor_4d(ctx0, GGML_TYPE_F32, n_tps_all, 1, 1, n_stream);
         in->m = ggml_new_tensor_2d(ctx0, GGML_TYPE_F32, n_kv, n_stream);
         ggml_set_input(in->w);
         ggml_set_input(in->m);
@@ -347,7 +383,12 @@ void llama_kv_score_access::build_update(const llm_graph_context & g, const llam
     // one pass: out_prod contracts dim 1. Query head h reads KV head h/n_group, so
     // [n_tps, n_head] regroups as [n_tps*n_group, n_head_kv] (index t + n_tps*g).
     ggml_tensor * p4 = ggml_reshape_4d(ctx0, probs, n_kv, n_tps*n_group, n_head_kv, n_stream);
-    ggml_tensor * wq = ggml_repeat_4d(ctx0, inp_score->w, n_tps, n_group, n_head_kv, n_stream);
+    // the weights of the rows that count
+    ggml_tensor * w = inp_score->w;
+    if (n_tps < w->ne[0]) {
+        w = ggml_view_4d(ctx0, w, n_tps, 1, 1, n_stream, w->nb[1], w->nb[2], w->nb[3], (w->ne[0] - n_tps)*w->nb[0]);
+    }
+    ggml_tensor * wq = ggml_repeat_4d(ctx0, w, n_tps, n_group, n_head_kv, n_stream);
     wq = ggml_reshape_4d(ctx0, wq, 1, n_tps*n_group, n_head_kv, n_stream);
 
     ggml_tensor * contrib = ggml_out_prod(ctx0, p4, wq);               // [n_kv, 1, n_head_kv, n_stream]
