@@ -56,7 +56,8 @@ def _ppl_block(out: Path, lines: List[str]) -> dict:
             else:
                 tag = f" a={aa:g}" if a == "best" else ""
                 cells.append(f"{v['ppl']:.2f} ({v['ratio_to_full']:.3f}){tag}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        if any(x != "-" for x in cells):  # a policy this sweep did not run has no row
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
     cmp = []
     for r in ratios:
