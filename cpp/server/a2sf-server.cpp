@@ -367,8 +367,9 @@ bool a2sf_server_check(common_params & params) {
         }
     }
     // Each slot's prompt goes in chunks of n_chunk tokens aligned on its own token index
-    // (a2sf_server_chunk_end), all slots' chunks in one llama_decode: a slot then evicts
-    // at the same tokens and keeps the same cells as it would alone. A chunk must fit
+    // (a2sf_server_chunk_end), each chunk in a llama_decode of its own (the server's batch
+    // holds every slot's chunk or token; patch 0010 splits it into views): a slot then
+    // evicts at the same tokens and keeps the same cells as it would alone. A chunk must fit
     // beside the protected cells of its stream (python/a2sf/_llama/batch.py).
     if (params.n_ctx > 0) {
         const int32_t n_par   = std::max(1, params.n_parallel);
@@ -391,7 +392,7 @@ bool a2sf_server_check(common_params & params) {
                     "each slot's prompt goes in chunks of %d\n", params.n_batch, cells / n_seq, (long long) protect, chunk);
         }
         s.n_chunk       = chunk;
-        params.n_batch  = chunk * n_par + n_par;  // every slot's chunk (or token) in one decode
+        params.n_batch  = chunk * n_par + n_par;  // every slot's chunk (or token) in one server batch
         params.n_ubatch = std::min(params.n_ubatch, params.n_batch);
     }
     s.n_batch = params.n_batch;
