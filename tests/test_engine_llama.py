@@ -147,14 +147,16 @@ def test_policy_is_installed(core, tiny_f32):
 def test_n_ctx_zero_resolves_to_training_context(core, tiny_f32):
     llm = Llama(tiny_f32, n_ctx=0, kv_policy="tova", **COMMON)
     assert llm.n_ctx() == 512 and llm.n_batch == 128
-    assert llm.context_window == 512  # max_positions defaults to the training context
+    assert llm.context_window > 10**9  # positions are compacted (the default): no window limit
+    llm = Llama(tiny_f32, n_ctx=0, kv_policy="tova", positions="absolute", **COMMON)
+    assert llm.context_window == 512  # without compaction max_positions defaults to the training context
 
 
 def _check_invariants(llm, n_ctx=256):
     s = llm.kv_scores()
     pol = llm.kv_policy
     n = llm.n_tokens
-    pos = s.positions.tolist()
+    pos = s.token_index.tolist()  # the tokens kept (compaction renumbers positions)
     assert len(pos) <= n_ctx
     assert pos == sorted(set(pos)) and (not pos or pos[-1] == n - 1)
     assert set(range(min(pol.n_sink, n))) <= set(pos), "a sink was evicted"
@@ -187,7 +189,7 @@ def test_eval_far_past_n_ctx(core, tiny_f32, policy):
 def _kept_after(path, policy, tokens):
     llm = tiny(path, policy)
     llm.eval(tokens)
-    return set(llm.kv_scores().positions.tolist())
+    return set(llm.kv_scores().token_index.tolist())
 
 
 def test_random_differs_from_h2o_and_is_seeded(core, tiny_f32):
@@ -209,19 +211,19 @@ def test_manual_eviction_drops_the_lowest_scores(core, tiny_f32, policy):
     llm.eval(np.random.default_rng(2).integers(3, 300, size=100).tolist())
     before = llm.kv_scores()
     pol = llm.kv_policy
-    unprotected = [i for i, p in enumerate(before.positions) if pol.n_sink <= p < 100 - pol.n_recent]
+    unprotected = [i for i, p in enumerate(before.token_index) if pol.n_sink <= p < 100 - pol.n_recent]
     order = sorted(unprotected, key=lambda i: before.total[i])
-    expect = set(before.positions.tolist()) - {int(before.positions[i]) for i in order[:10]}
+    expect = set(before.token_index.tolist()) - {int(before.token_index[i]) for i in order[:10]}
     assert llm.kv_evict(10) == 10
     after = llm.kv_scores()
-    assert set(after.positions.tolist()) == expect
+    assert set(after.token_index.tolist()) == expect
     # the survivors keep their scores
-    keep = np.isin(before.positions, after.positions)
+    keep = np.isin(before.token_index, after.token_index)
     np.testing.assert_allclose(after.scores, before.scores[:, keep], rtol=1e-6)
     assert llm.kv_stats()["evictions"] == 1
     # decoding goes on from the holes
     llm.eval([5, 6, 7])
-    assert llm.kv_scores().positions[-1] == 102
+    assert llm.kv_scores().token_index[-1] == 102
 
 
 def test_manual_eviction_streaming_and_random(core, tiny_f32):
@@ -229,16 +231,16 @@ def test_manual_eviction_streaming_and_random(core, tiny_f32):
     llm = tiny(tiny_f32, "streaming")
     llm.eval(toks)
     assert llm.kv_evict(10) == 10
-    assert llm.kv_scores().positions.tolist() == list(range(4)) + list(range(14, 100))
+    assert llm.kv_scores().token_index.tolist() == list(range(4)) + list(range(14, 100))
     llm = tiny(tiny_f32, "random")
     llm.eval(toks)
     assert llm.kv_evict(10) == 10
-    pos = set(llm.kv_scores().positions.tolist())
+    pos = set(llm.kv_scores().token_index.tolist())
     assert len(pos) == 90 and set(range(4)) | set(range(68, 100)) <= pos
     # more than the unprotected cells: only those can go
     freed = llm.kv_evict(1000)
     assert 0 <= freed <= 54
-    assert set(range(4)) | set(range(68, 100)) <= set(llm.kv_scores().positions.tolist())
+    assert set(range(4)) | set(range(68, 100)) <= set(llm.kv_scores().token_index.tolist())
     with pytest.raises(ValueError):
         llm.kv_evict(-1)
     with pytest.raises(ValueError):
@@ -277,7 +279,7 @@ def test_new_prompt_after_eviction_starts_clean(core, tiny_f32):
     got = llm.create_completion(second, max_tokens=12, temperature=0.0)
     fresh = tiny(tiny_f32, "h2o").create_completion(second, max_tokens=12, temperature=0.0)
     assert got["choices"][0]["text"] == fresh["choices"][0]["text"]
-    assert llm.kv_scores().positions.tolist() == list(range(llm.n_tokens))
+    assert llm.kv_scores().token_index.tolist() == list(range(llm.n_tokens))
 
 
 def test_pure_continuation_keeps_the_cache(core, tiny_f32, monkeypatch):

@@ -29,7 +29,7 @@ def _generate(smollm2, policy, n_new, check_every=25):
         out.append(tok)
         if i % check_every == 0 or len(out) >= n_new:
             s = llm.kv_scores()
-            pos = s.positions.tolist()
+            pos = s.token_index.tolist()
             n = llm.n_tokens
             assert len(pos) <= N_CTX
             assert llm.kv_stats()["cells_used"] <= N_CTX
@@ -71,7 +71,7 @@ def test_random_and_h2o_keep_different_cells(core, smollm2):
     def kept(policy):
         llm = Llama(smollm2, n_ctx=N_CTX, kv_policy=policy, n_threads=2, verbose=False)
         llm.eval(llm.tokenize(text)[:700])
-        return llm.kv_scores().positions.tolist()
+        return llm.kv_scores().token_index.tolist()
 
     h2o, rnd, stream = kept("h2o"), kept("random"), kept("streaming")
     assert h2o != rnd and h2o != stream

@@ -113,7 +113,7 @@ def test_core_set_policy_accepts_or_raises(core, live, kind, alpha, value_aware,
 
 def _check_cache(llm):
     s = llm.kv_scores()
-    pos = s.positions.tolist()
+    pos = s.token_index.tolist()  # the tokens kept (compaction renumbers positions)
     assert pos == sorted(set(pos))
     assert np.isfinite(s.scores).all() and (s.scores >= 0).all()
     assert llm.kv_stats()["cells_used"] == len(pos) == llm.kv_n_cells()

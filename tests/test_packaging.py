@@ -76,7 +76,7 @@ def test_sdist_holds_our_sources_and_no_llama_cpp(sdist):
                or "llama.cpp/" in n or "/ggml" in n or n.endswith((".so", ".o", ".a"))]
     assert not foreign, foreign
     cpp_sources = [n for n in names if n.endswith((".c", ".cpp", ".cu", ".h", ".hpp"))]
-    assert all(n.startswith(("cpp/src/", "cpp/include/", "cpp/bindings/")) for n in cpp_sources), cpp_sources
+    assert all(n.startswith(("cpp/src/", "cpp/include/", "cpp/bindings/", "cpp/server/")) for n in cpp_sources), cpp_sources
 
 
 @pytest.mark.slow

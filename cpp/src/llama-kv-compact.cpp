@@ -69,13 +69,7 @@ int32_t llama_kv_score_access::compact_seq(llama_context & lctx, int32_t seq_id)
     }
 
     // the sequence's cells in position order
-    std::vector<std::pair<llama_pos, uint32_t>> order;
-    for (uint32_t c = 0; c < cells.size(); ++c) {
-        if (!cells.is_empty(c) && cells.seq_has(c, seq_id)) {
-            order.emplace_back(cells.pos_get(c), c);
-        }
-    }
-    std::sort(order.begin(), order.end());
+    const auto order = cells_by_pos(cells, seq_id);
 
     const int32_t n = (int32_t) order.size();
 

@@ -119,15 +119,23 @@ int64_t llama_kv_score_access::n_cells_used(const llama_kv_cache & kv) {
     return n;
 }
 
+std::vector<std::pair<int32_t, uint32_t>> llama_kv_score_access::cells_by_pos(const llama_kv_cells & cells, int32_t seq_id) {
+    std::vector<std::pair<int32_t, uint32_t>> res;
+    for (uint32_t c = 0; c < cells.size(); ++c) {
+        if (!cells.is_empty(c) && cells.seq_has(c, seq_id)) {
+            res.emplace_back(cells.pos_get(c), c);
+        }
+    }
+    std::sort(res.begin(), res.end());
+    return res;
+}
+
 // the cells of seq_id, ordered by position
 static std::vector<kv_cell_rank> seq_cells(const llama_kv_cells & cells, llama_seq_id seq_id) {
     std::vector<kv_cell_rank> res;
-    for (uint32_t c = 0; c < cells.size(); ++c) {
-        if (!cells.is_empty(c) && cells.seq_has(c, seq_id)) {
-            res.push_back({ c, cells.pos_get(c), 0.0f });
-        }
+    for (const auto & [p, c] : llama_kv_score_access::cells_by_pos(cells, seq_id)) {
+        res.push_back({ c, p, 0.0f });
     }
-    std::sort(res.begin(), res.end(), [](const kv_cell_rank & a, const kv_cell_rank & b) { return a.pos < b.pos; });
     return res;
 }
 

@@ -20,6 +20,7 @@ struct llm_graph_context;
 struct llm_graph_params;
 class  llm_graph_input_attn_kv;
 class  llama_kv_cache;
+class  llama_kv_cells;
 class  llama_kv_cache_context;
 class  llama_memory_context_i;
 class  llama_batch_allocr;
@@ -160,4 +161,6 @@ struct llama_kv_score_access {
                                                   llama_kv_score_state & st, uint32_t strm, int32_t seq_id, int32_t n_free);
     static int32_t                 compact_seq(llama_context & lctx, int32_t seq_id); // llama-kv-compact.cpp
     static bool                    valid_seq(const llama_kv_cache & kv, int32_t seq_id);
+    // (position, cell) of the cells of seq_id, ordered by position (llama-kv-evict.cpp)
+    static std::vector<std::pair<int32_t, uint32_t>> cells_by_pos(const llama_kv_cells & cells, int32_t seq_id);
 };

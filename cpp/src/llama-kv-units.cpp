@@ -126,13 +126,7 @@ int32_t llama_kv_score_access::head_scores(llama_context & lctx, int32_t seq_id,
     const auto &   cells = kv->v_cells[strm];
 
     // the sequence's cells, ordered by the cell's position (as llama_kv_policy_scores)
-    std::vector<std::pair<llama_pos, uint32_t>> order;
-    for (uint32_t c = 0; c < cells.size(); ++c) {
-        if (!cells.is_empty(c) && cells.seq_has(c, seq_id)) {
-            order.emplace_back(cells.pos_get(c), c);
-        }
-    }
-    std::sort(order.begin(), order.end());
+    const auto order = cells_by_pos(cells, seq_id);
     const int32_t n = (int32_t) order.size();
     if (n > capacity) {
         return LLAMA_KV_POLICY_ERR_CAPACITY;

@@ -110,6 +110,25 @@ class ReferenceLlama:
         out[..., 1:d:2] = x0 * sin + x1 * cos
         return out
 
+    def _qkv(self, x: np.ndarray, il: int, pos: np.ndarray):
+        """Layer il's RoPE'd queries [T, H, hd], keys and values [T, Hkv, hd] of hidden states x."""
+        p = f"blk.{il}."
+        T, H, Hkv, hd = x.shape[0], self.n_head, self.n_head_kv, self.head_dim
+        h = self._rms(x, self.w[p + "attn_norm.weight"])
+        q = self._mm(h, p + "attn_q.weight").reshape(T, H, hd)
+        k = self._mm(h, p + "attn_k.weight").reshape(T, Hkv, hd)
+        v = self._mm(h, p + "attn_v.weight").reshape(T, Hkv, hd)
+        return self._rope(q, pos), self._rope(k, pos), v
+
+    def _block_out(self, x: np.ndarray, o: np.ndarray, il: int) -> np.ndarray:
+        """The rest of layer il after attention: output projection, residual, SwiGLU FFN."""
+        p = f"blk.{il}."
+        x = x + self._mm(o, p + "attn_output.weight")
+        h = self._rms(x, self.w[p + "ffn_norm.weight"])
+        g = self._mm(h, p + "ffn_gate.weight")
+        u = self._mm(h, p + "ffn_up.weight")
+        return x + self._mm((g / (1.0 + np.exp(-g))) * u, p + "ffn_down.weight")
+
     def forward(
         self,
         tokens: Sequence[int],
@@ -143,12 +162,7 @@ class ReferenceLlama:
         probs = np.zeros((self.n_layer, H, T, T))
         v_l1 = np.zeros((self.n_layer, Hkv, T))
         for il in range(self.n_layer):
-            p = f"blk.{il}."
-            h = self._rms(x, self.w[p + "attn_norm.weight"])
-            q = self._mm(h, p + "attn_q.weight").reshape(T, H, hd)
-            k = self._mm(h, p + "attn_k.weight").reshape(T, Hkv, hd)
-            v = self._mm(h, p + "attn_v.weight").reshape(T, Hkv, hd)
-            q, k = self._rope(q, pos), self._rope(k, pos)
+            q, k, v = self._qkv(x, il, pos)
             v_l1[il] = np.abs(v).sum(axis=-1).T
             kk = np.repeat(k, group, axis=1)  # [T, H, hd]: head h reads kv head h // group
             vv = np.repeat(v, group, axis=1)
@@ -162,11 +176,7 @@ class ReferenceLlama:
             pr = e / e.sum(axis=-1, keepdims=True)
             probs[il] = pr
             o = np.einsum("hqk,khd->qhd", pr, vv).reshape(T, H * hd)
-            x = x + self._mm(o, p + "attn_output.weight")
-            h = self._rms(x, self.w[p + "ffn_norm.weight"])
-            g = self._mm(h, p + "ffn_gate.weight")
-            u = self._mm(h, p + "ffn_up.weight")
-            x = x + self._mm((g / (1.0 + np.exp(-g))) * u, p + "ffn_down.weight")
+            x = self._block_out(x, o, il)
         x = self._rms(x, self.w["output_norm.weight"])
         logits = self._mm(x, "output.weight")
         return ForwardResult(logits=logits, probs=probs, v_l1=v_l1)

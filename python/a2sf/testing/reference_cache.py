@@ -51,12 +51,7 @@ class CachedReference:
 
         x = r.w["token_embd.weight"][tok]
         for il in range(r.n_layer):
-            p = f"blk.{il}."
-            h = r._rms(x, r.w[p + "attn_norm.weight"])
-            q = r._mm(h, p + "attn_q.weight").reshape(n, H, hd)
-            k = r._mm(h, p + "attn_k.weight").reshape(n, Hkv, hd)
-            v = r._mm(h, p + "attn_v.weight").reshape(n, Hkv, hd)
-            q, k = r._rope(q, qpos), r._rope(k, qpos)
+            q, k, v = r._qkv(x, il, qpos)
             self.k[il] = np.concatenate([self.k[il], k])
             self.v[il] = np.concatenate([self.v[il], v])
             kk = np.repeat(self.k[il], group, axis=1)
@@ -67,11 +62,7 @@ class CachedReference:
             e = np.exp(att)
             pr = e / e.sum(axis=-1, keepdims=True)
             o = np.einsum("hqk,khd->qhd", pr, vv).reshape(n, H * hd)
-            x = x + r._mm(o, p + "attn_output.weight")
-            h = r._rms(x, r.w[p + "ffn_norm.weight"])
-            g = r._mm(h, p + "ffn_gate.weight")
-            u = r._mm(h, p + "ffn_up.weight")
-            x = x + r._mm((g / (1.0 + np.exp(-g))) * u, p + "ffn_down.weight")
+            x = r._block_out(x, o, il)
         self.pos = kpos
         self.token_index = np.concatenate([self.token_index, self.n_seen + np.arange(n)])
         self.n_seen += n
@@ -129,11 +120,7 @@ class UnitCachedReference:
         idx = self.n_seen + np.arange(n)
         x = r.w["token_embd.weight"][tok]
         for il in range(r.n_layer):
-            p = f"blk.{il}."
-            h_ = r._rms(x, r.w[p + "attn_norm.weight"])
-            q = r._rope(r._mm(h_, p + "attn_q.weight").reshape(n, H, hd), qpos)
-            k = r._rope(r._mm(h_, p + "attn_k.weight").reshape(n, Hkv, hd), qpos)
-            v = r._mm(h_, p + "attn_v.weight").reshape(n, Hkv, hd)
+            q, k, v = r._qkv(x, il, qpos)
             o = np.zeros((n, H, hd))
             for hk in range(Hkv):
                 self.k[il][hk] = np.concatenate([self.k[il][hk], k[:, hk]])
@@ -148,11 +135,7 @@ class UnitCachedReference:
                     att -= att.max(axis=-1, keepdims=True)
                     e = np.exp(att)
                     o[:, hq] = (e / e.sum(axis=-1, keepdims=True)) @ self.v[il][hk]
-            x = x + r._mm(o.reshape(n, H * hd), p + "attn_output.weight")
-            h_ = r._rms(x, r.w[p + "ffn_norm.weight"])
-            g_ = r._mm(h_, p + "ffn_gate.weight")
-            u = r._mm(h_, p + "ffn_up.weight")
-            x = x + r._mm((g_ / (1.0 + np.exp(-g_))) * u, p + "ffn_down.weight")
+            x = r._block_out(x, o.reshape(n, H * hd), il)
         self.n_seen += n
         x = r._rms(x, r.w["output_norm.weight"])
         return r._mm(x, "output.weight")
