@@ -147,24 +147,35 @@ static std::vector<float> read_layer_scores(ggml_tensor * score, uint32_t strm) 
     return res;
 }
 
-int32_t llama_kv_score_access::read_scores(llama_context & lctx, int32_t seq_id, int32_t capacity,
-                                           int32_t * pos_out, int32_t * cell_out, float * scores_out) {
-    llama_kv_cache * kv = get_kv(lctx);
+int32_t llama_kv_score_access::cells_for_read(llama_context & lctx, int32_t seq_id, int32_t capacity,
+                                              llama_kv_cache *& kv, uint32_t & strm,
+                                              std::vector<std::pair<int32_t, uint32_t>> & order) {
+    kv = get_kv(lctx);
     if (kv == nullptr) {
         return LLAMA_KV_POLICY_ERR_MEMORY;
     }
     if (!valid_seq(*kv, seq_id)) {
         return LLAMA_KV_POLICY_ERR_SEQ;
     }
-
     lctx.synchronize();
+    strm  = stream_of(kv->seq_to_stream, seq_id);
+    order = cells_by_pos(kv->v_cells[strm], seq_id);
+    return (int32_t) order.size() > capacity ? LLAMA_KV_POLICY_ERR_CAPACITY : 0;
+}
 
-    const uint32_t strm = stream_of(kv->seq_to_stream, seq_id);
-    const auto sc = seq_cells(kv->v_cells[strm], seq_id);
-    const int32_t n = (int32_t) sc.size();
-    if (n > capacity) {
-        return LLAMA_KV_POLICY_ERR_CAPACITY;
+int32_t llama_kv_score_access::read_scores(llama_context & lctx, int32_t seq_id, int32_t capacity,
+                                           int32_t * pos_out, int32_t * cell_out, float * scores_out) {
+    llama_kv_cache * kv = nullptr;
+    uint32_t strm = 0;
+    std::vector<std::pair<int32_t, uint32_t>> order;
+    if (const int32_t rc = cells_for_read(lctx, seq_id, capacity, kv, strm, order)) {
+        return rc;
     }
+    std::vector<kv_cell_rank> sc;
+    for (const auto & [p, c] : order) {
+        sc.push_back({ c, p, 0.0f });
+    }
+    const int32_t n = (int32_t) sc.size();
 
     for (int32_t i = 0; i < n; ++i) {
         if (pos_out)  { pos_out[i]  = sc[i].pos;  }

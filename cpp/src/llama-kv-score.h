@@ -163,4 +163,7 @@ struct llama_kv_score_access {
     static bool                    valid_seq(const llama_kv_cache & kv, int32_t seq_id);
     // (position, cell) of the cells of seq_id, ordered by position (llama-kv-evict.cpp)
     static std::vector<std::pair<int32_t, uint32_t>> cells_by_pos(const llama_kv_cells & cells, int32_t seq_id);
+    // the checks and cells every reader of a sequence starts with: 0 or an error code
+    static int32_t cells_for_read(llama_context & lctx, int32_t seq_id, int32_t capacity, llama_kv_cache *& kv,
+                                  uint32_t & strm, std::vector<std::pair<int32_t, uint32_t>> & order);
 };

@@ -113,24 +113,13 @@ void llama_kv_score_access::copy_stream_units(const llama_kv_cache & kv, uint32_
 
 int32_t llama_kv_score_access::head_scores(llama_context & lctx, int32_t seq_id, int32_t capacity,
                                            int32_t * pos_out, float * scores_out) {
-    llama_kv_cache * kv = get_kv(lctx);
-    if (kv == nullptr) {
-        return LLAMA_KV_POLICY_ERR_MEMORY;
+    llama_kv_cache * kv = nullptr;
+    uint32_t strm = 0;
+    std::vector<std::pair<int32_t, uint32_t>> order; // the sequence's cells, as llama_kv_policy_scores orders them
+    if (const int32_t rc = cells_for_read(lctx, seq_id, capacity, kv, strm, order)) {
+        return rc;
     }
-    if (!valid_seq(*kv, seq_id)) {
-        return LLAMA_KV_POLICY_ERR_SEQ;
-    }
-    lctx.synchronize();
-
-    const uint32_t strm  = kv->seq_to_stream.empty() ? 0 : kv->seq_to_stream[seq_id];
-    const auto &   cells = kv->v_cells[strm];
-
-    // the sequence's cells, ordered by the cell's position (as llama_kv_policy_scores)
-    const auto order = cells_by_pos(cells, seq_id);
     const int32_t n = (int32_t) order.size();
-    if (n > capacity) {
-        return LLAMA_KV_POLICY_ERR_CAPACITY;
-    }
 
     const auto layers = scored_layers(*kv);
     const int32_t n_hkv = n_head_kv(*kv);

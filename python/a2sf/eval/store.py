@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
-__all__ = ["ResultStore", "model_identity", "code_identity", "settings_hash", "record_key"]
+__all__ = ["ResultStore", "model_identity", "code_identity", "settings_hash", "record_key", "emit_table"]
 
 SCHEMA_VERSION = 1
 REQUIRED_FIELDS = ("schema", "task", "dataset", "policy", "ratio", "alpha", "shots", "window",
@@ -128,3 +128,10 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+def emit_table(text: str, path: Optional[os.PathLike] = None) -> None:
+    """Print a protocol's Markdown table, and write it to ``path`` too when given."""
+    print(text)
+    if path:
+        Path(path).write_text(text)

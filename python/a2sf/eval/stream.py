@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from ..compaction import POSITION_MODES
+from .store import emit_table
 
 __all__ = ["stream_nll", "run_stream", "table", "main"]
 
@@ -169,10 +170,7 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m a2sf.eval stre
                     r.update({"document": f"{args.texts}/{name}", "llama_cpp": llama_cpp_commit()[:12]})
                     f.write(json.dumps(r) + "\n")
             records += recs
-    text = table(records, command)
-    print(text)
-    if args.table:
-        args.table.write_text(text)
+    emit_table(table(records, command), args.table)
     return 0
 
 

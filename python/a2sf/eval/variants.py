@@ -16,6 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import List, Optional
 
+from .store import emit_table
 from .summary import load, paired_ppl, ppl_summary
 
 __all__ = ["variants_table", "main"]
@@ -58,10 +59,7 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m a2sf.eval vari
     recs = load(args.out, "ppl")
     if not recs:
         raise SystemExit(f"{prog}: no records in {args.out / 'ppl.jsonl'}")
-    text = variants_table(recs, f"{prog} " + " ".join(argv if argv is not None else sys.argv[1:]))
-    print(text)
-    if args.table:
-        args.table.write_text(text)
+    emit_table(variants_table(recs, f"{prog} " + " ".join(argv if argv is not None else sys.argv[1:])), args.table)
     return 0
 
 
