@@ -23,7 +23,7 @@ from typing import Dict, Union
 import numpy as np
 
 from ..gguf_write import add_weight, finish
-from .tiny_gguf import tiny_vocab
+from .tiny_gguf import add_tiny_tokenizer, tiny_vocab
 
 __all__ = ["write_tiny_gemma3", "tiny_gemma3_weights"]
 
@@ -128,17 +128,7 @@ def write_tiny_gemma3(
     w.add_file_type(int(gguf.LlamaFileType.ALL_F32))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    w.add_tokenizer_model("llama")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_unk_token_id(0)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
-    w.add_add_space_prefix(True)
+    add_tiny_tokenizer(w, tokens, scores, types)
 
     for name, arr in weights.items():
         add_weight(w, name, arr, "f32")

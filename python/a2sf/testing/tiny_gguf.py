@@ -23,7 +23,7 @@ import numpy as np
 
 from ..gguf_write import add_weight, finish
 
-__all__ = ["TinyConfig", "config_of", "tiny_vocab", "tiny_weights", "write_tiny_llama"]
+__all__ = ["TinyConfig", "config_of", "tiny_vocab", "tiny_weights", "write_tiny_llama", "add_tiny_tokenizer"]
 
 # SentencePiece word-boundary marker
 _SPACE = "\u2581"
@@ -109,6 +109,21 @@ def tiny_weights(cfg: TinyConfig, n_vocab: int) -> Dict[str, np.ndarray]:
     return w
 
 
+def add_tiny_tokenizer(w, tokens, scores, types) -> None:
+    """The tiny SentencePiece-style vocabulary (:func:`tiny_vocab`) into a GGUF writer."""
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    w.add_add_space_prefix(True)
+
+
 def write_tiny_llama(
     path: Union[str, os.PathLike],
     *,
@@ -165,17 +180,7 @@ def write_tiny_llama(
     w.add_file_type(int(ftype))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    w.add_tokenizer_model("llama")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_unk_token_id(0)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
-    w.add_add_space_prefix(True)
+    add_tiny_tokenizer(w, tokens, scores, types)
 
     for name, arr in weights.items():
         add_weight(w, name, arr, qtype.lower())
