@@ -156,7 +156,7 @@ def test_policy_parameter(tiny_f32, good, policy, kw, exc, match):
     native = {("seed" if k == "kv_seed" else k): v for k, v in kw.items()}
     with pytest.raises(exc, match=match):
         good.set_kv_policy(policy, **native)
-    assert good.kv_policy == A2SF()
+    assert good.kv_policy == A2SF(granularity="head")  # the engine chose head (F16 K, no ALiBi)
     assert_alive(good)
 
 

@@ -92,7 +92,7 @@ def _run_bad(server_bin, smollm2, *flags):
     (["--kv-policy", "h2o", "--kv-recent", "ten"], "error: --kv-recent: n_recent must be an int, got 'ten'"),
     (["--kv-policy", "h2o", "--kv-forgetting-factor", "0.5"],
      "error: --kv-forgetting-factor: H2O fixes forgetting_factor=1.0; it cannot be overridden (settable: "
-     "n_sink, n_recent, evict_chunk, value_aware, seed, granularity, mean_attention)"),
+     "n_sink, n_recent, evict_chunk, value_aware, seed, granularity, mean_attention, decode_scoring)"),
     (["--kv-policy", "a2sf", "--kv-granularity", "cell"],
      "error: --kv-granularity: granularity must be one of token, layer, head, got 'cell'"),
     (["--kv-policy", "a2sf", "--kv-granularity", "head", "--kv-positions", "cache"],

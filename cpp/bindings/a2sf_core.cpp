@@ -83,6 +83,7 @@ py::dict params_to_dict(const llama_kv_policy_params & p) {
     d["seed"]              = p.seed;
     d["granularity"]       = p.granularity;
     d["mean_attention"]    = p.mean_attention;
+    d["decode_scoring"]    = p.decode_scoring;
     return d;
 }
 
@@ -122,7 +123,7 @@ PYBIND11_MODULE(_core, m) {
         "set_policy",
         [](const py::object & ctx_obj, int kind, double forgetting_factor, bool value_aware,
            int64_t n_sink, int64_t n_recent, int64_t evict_chunk, int64_t seed, int granularity,
-           bool mean_attention) {
+           bool mean_attention, int decode_scoring) {
             llama_context * ctx = as_ctx(ctx_obj);
             if (kind < LLAMA_KV_POLICY_NONE || kind > LLAMA_KV_POLICY_RANDOM) {
                 throw py::value_error("unknown policy kind " + std::to_string(kind));
@@ -132,16 +133,22 @@ PYBIND11_MODULE(_core, m) {
                                       std::to_string(forgetting_factor));
             }
             check_nonneg(n_sink, "n_sink");
-            check_nonneg(n_recent, "n_recent");
+            if (n_recent != LLAMA_KV_RECENT_HALF) {
+                check_nonneg(n_recent, "n_recent");
+            }
             check_nonneg(evict_chunk, "evict_chunk");
             if (seed < 0 || seed > static_cast<int64_t>(UINT32_MAX)) {
                 throw py::value_error("seed must be in [0, 2^32-1], got " + std::to_string(seed));
             }
-            if (granularity < LLAMA_KV_GRANULARITY_TOKEN || granularity > LLAMA_KV_GRANULARITY_HEAD) {
+            if (granularity < LLAMA_KV_GRANULARITY_AUTO || granularity > LLAMA_KV_GRANULARITY_HEAD) {
                 throw py::value_error("unknown granularity " + std::to_string(granularity));
+            }
+            if (decode_scoring < LLAMA_KV_DECODE_SCORING_EAGER || decode_scoring > LLAMA_KV_DECODE_SCORING_LAZY) {
+                throw py::value_error("unknown decode_scoring " + std::to_string(decode_scoring));
             }
             llama_kv_policy_params p = llama_kv_policy_default_params();
             p.kind              = kind;
+            p.decode_scoring    = decode_scoring;
             p.granularity       = granularity;
             p.mean_attention    = mean_attention;
             p.forgetting_factor = static_cast<float>(forgetting_factor);
@@ -156,7 +163,7 @@ PYBIND11_MODULE(_core, m) {
         py::arg("value_aware") = dp.value_aware, py::arg("n_sink") = dp.n_sink,
         py::arg("n_recent") = dp.n_recent, py::arg("evict_chunk") = dp.evict_chunk,
         py::arg("seed") = dp.seed, py::arg("granularity") = dp.granularity,
-        py::arg("mean_attention") = dp.mean_attention,
+        py::arg("mean_attention") = dp.mean_attention, py::arg("decode_scoring") = dp.decode_scoring,
         "Set (or replace) the eviction policy of a context (ValueError for layer/head granularity\n"
         "on an ALiBi model).");
 
@@ -234,6 +241,9 @@ PYBIND11_MODULE(_core, m) {
             d["n_move_events"]   = s.n_move_events;
             d["n_bytes_moved"]   = s.n_bytes_moved;
             d["t_move_us"]       = s.t_move_us;
+            d["n_lazy_flushes"]  = s.n_lazy_flushes;
+            d["n_lazy_queries"]  = s.n_lazy_queries;
+            d["t_lazy_us"]       = s.t_lazy_us;
             return d;
         },
         py::arg("ctx"), "Eviction statistics of the context.");

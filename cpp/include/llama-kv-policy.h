@@ -28,9 +28,22 @@ enum llama_kv_policy_kind {
 // (per-head rows of K and V, and their scores), so every unit still occupies the same
 // cells and llama.cpp's single KQ mask stays valid.
 enum llama_kv_granularity {
+    LLAMA_KV_GRANULARITY_AUTO  = -1, // HEAD, or TOKEN where HEAD cannot run (ALiBi; quantized K, which
+                                     // per-head compaction cannot re-rotate): llama_kv_policy_set resolves it
     LLAMA_KV_GRANULARITY_TOKEN = 0, // a cell is one token for all layers and heads: rank by the score summed over them
     LLAMA_KV_GRANULARITY_LAYER = 1, // each layer keeps its own tokens (score summed over the layer's KV heads)
     LLAMA_KV_GRANULARITY_HEAD  = 2, // each (layer, KV head) keeps its own tokens
+};
+
+// n_recent: the recent window is half of what each eviction keeps
+#define LLAMA_KV_RECENT_HALF (-1)
+
+// How decode steps are scored when flash attention is on (it never materialises the
+// attention probabilities, so scoring needs its own K.q per layer). Both are exact.
+enum llama_kv_decode_scoring {
+    LLAMA_KV_DECODE_SCORING_EAGER = 0, // every decode step runs its own K.q and softmax per scored layer
+    LLAMA_KV_DECODE_SCORING_LAZY  = 1, // decode steps store Q; one batched product scores them when
+                                       // the scores are needed (eviction, reads, state, memory ops)
 };
 
 struct llama_kv_policy_params {
@@ -38,11 +51,13 @@ struct llama_kv_policy_params {
     float    forgetting_factor; // alpha in [0, 1]: S <- alpha*S + attention row (1 = H2O, 0 = TOVA)
     bool     value_aware;       // VATP: weigh attention by the L1 norm of the cell's value vector
     int32_t  n_sink;            // first positions of each sequence that are never evicted
-    int32_t  n_recent;          // newest positions of each sequence that are never evicted
+    int32_t  n_recent;          // newest positions of each sequence that are never evicted, or
+                                // LLAMA_KV_RECENT_HALF: half of the cells an eviction keeps (after the sinks)
     int32_t  evict_chunk;       // extra cells freed per eviction event (amortises its cost)
     uint32_t seed;              // RNG seed of the random policy
     int32_t  granularity;       // enum llama_kv_granularity (score-ranked policies)
     bool     mean_attention;    // rank by accumulated attention / queries that saw the token (kvpress ObservedAttention)
+    int32_t  decode_scoring;    // enum llama_kv_decode_scoring (flash attention only)
 };
 
 struct llama_kv_policy_stats {
@@ -55,6 +70,9 @@ struct llama_kv_policy_stats {
     int64_t n_move_events;    // granularity LAYER/HEAD and compression: graphs that moved K/V rows
     int64_t n_bytes_moved;    // K + V bytes they moved
     int64_t t_move_us;        // time spent in them (included in t_evict_us when eviction moved)
+    int64_t n_lazy_flushes;   // lazy decode scoring: batched products that scored pending decode queries
+    int64_t n_lazy_queries;   // decode queries they scored (per stream)
+    int64_t t_lazy_us;        // time spent in them
 };
 
 // error codes returned by the functions below (0 = success)

@@ -306,6 +306,13 @@ void resolve() {
     kp.seed              = (uint32_t) values[field_index("seed")];
     kp.granularity       = (int32_t) values[field_index("granularity")];
     kp.mean_attention    =           values[field_index("mean_attention")] != 0.0;
+    kp.decode_scoring    = (int32_t) values[field_index("decode_scoring")];
+
+    // granularity left unset: the slots renumber positions per cell (--kv-positions cache, the
+    // default here), which needs one token per cell; head only where positions stay absolute
+    if (kp.granularity == LLAMA_KV_GRANULARITY_AUTO && !(s.positions_given && s.positions == "absolute")) {
+        kp.granularity = LLAMA_KV_GRANULARITY_TOKEN;
+    }
 
     // positions: as python/a2sf/_llama/compaction.py resolve_positions
     const bool per_unit = kp.kind == LLAMA_KV_POLICY_SCORE && kp.granularity != LLAMA_KV_GRANULARITY_TOKEN;
@@ -375,7 +382,7 @@ bool a2sf_server_check(common_params & params) {
         const int32_t n_par   = std::max(1, params.n_parallel);
         const int32_t cells   = params.kv_unified ? params.n_ctx : params.n_ctx / n_par;
         const int32_t n_seq   = params.kv_unified ? n_par : 1;  // sequences sharing a stream
-        const int64_t protect = (int64_t) s.params.n_sink + s.params.n_recent;
+        const int64_t protect = (int64_t) s.params.n_sink + std::max(0, s.params.n_recent); // -1: half of what is kept
         const int64_t room    = cells / n_seq - protect;        // cells left per sequence for a chunk
         if (room <= 1) {
             fprintf(stderr, "error: --kv-policy: n_sink + n_recent = %lld leaves no room for a batch in a "
@@ -434,7 +441,7 @@ bool a2sf_server_attach(llama_context * ctx, const common_params & params) {
     }
     const int32_t n_seq   = std::max(1, (int32_t) llama_n_seq_max(ctx));
     const int32_t cells   = params.kv_unified ? (int32_t) llama_n_ctx(ctx) / n_seq : (int32_t) llama_n_ctx_seq(ctx);
-    const int64_t protect = (int64_t) s.params.n_sink + s.params.n_recent;
+    const int64_t protect = (int64_t) s.params.n_sink + std::max(0, s.params.n_recent);
     if (s.n_chunk <= 0) {  // -c 0: the training context, known only now
         s.n_chunk = (int32_t) std::max<int64_t>(1, std::min<int64_t>((int64_t) llama_n_batch(ctx) / n_seq, cells / 4));
     }

@@ -56,6 +56,7 @@ int32_t llama_kv_score_access::compact_seq(llama_context & lctx, int32_t seq_id)
                            !valid_seq(*swa, seq_id))) {
         return LLAMA_KV_POLICY_ERR_SHIFT;
     }
+    flush_lazy(lctx, *kv);
 
     const uint32_t strm = kv->seq_to_stream.empty() ? 0 : kv->seq_to_stream[seq_id];
     auto & cells = kv->v_cells[strm];

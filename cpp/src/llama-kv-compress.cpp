@@ -31,6 +31,7 @@ int32_t llama_kv_score_access::compress_seq(llama_context & lctx, int32_t seq_id
     if (!valid_seq(*kv, seq_id)) {
         return LLAMA_KV_POLICY_ERR_SEQ;
     }
+    flush_lazy(lctx, *kv);
     const uint32_t strm  = kv->seq_to_stream.empty() ? 0 : kv->seq_to_stream[seq_id];
     auto &         cells = kv->v_cells[strm];
 

@@ -88,6 +88,16 @@ std::vector<ggml_tensor *> llama_kv_score_access::scored_layers(const llama_kv_c
     return res;
 }
 
+std::vector<ggml_tensor *> llama_kv_score_access::scored_k(const llama_kv_cache & kv) {
+    std::vector<ggml_tensor *> res;
+    for (const auto & layer : kv.layers) {
+        if (layer.score && layer.k) {
+            res.push_back(layer.k);
+        }
+    }
+    return res;
+}
+
 std::vector<int32_t> llama_kv_score_access::scored_layer_ids(const llama_kv_cache & kv) {
     std::vector<int32_t> res;
     for (const auto & layer : kv.layers) {
@@ -158,6 +168,7 @@ int32_t llama_kv_score_access::cells_for_read(llama_context & lctx, int32_t seq_
         return LLAMA_KV_POLICY_ERR_SEQ;
     }
     lctx.synchronize();
+    flush_lazy(lctx, *kv);
     strm  = stream_of(kv->seq_to_stream, seq_id);
     order = cells_by_pos(kv->v_cells[strm], seq_id);
     return (int32_t) order.size() > capacity ? LLAMA_KV_POLICY_ERR_CAPACITY : 0;
@@ -285,6 +296,7 @@ int32_t llama_kv_score_access::evict_seq_impl(llama_context & lctx, llama_kv_cac
     // each group: its candidates (everything but its n_sink oldest and n_recent newest
     // tokens, and shared cells), ranked
     std::vector<std::vector<kv_cell_rank>> cand(r.units.size());
+    const int32_t n_recent = cfg.n_recent_for(n_cells, n_free); // the same window for every group
     for (size_t g = 0; g < r.units.size(); ++g) {
         std::vector<kv_cell_rank> mine = sc;
         if (use_map) {
@@ -295,7 +307,7 @@ int32_t llama_kv_score_access::evict_seq_impl(llama_context & lctx, llama_kv_cac
             std::sort(mine.begin(), mine.end(), [](const kv_cell_rank & a, const kv_cell_rank & b) { return a.pos < b.pos; });
         }
         const int32_t n_sink = std::min(n_cells, cfg.params.n_sink);
-        const int32_t n_keep = n_sink + std::min(n_cells - n_sink, cfg.params.n_recent);
+        const int32_t n_keep = n_sink + std::min(n_cells - n_sink, n_recent);
         for (int32_t i = n_sink; i < n_cells - (n_keep - n_sink); ++i) {
             if (!shared[mine[i].cell]) {
                 cand[g].push_back(mine[i]);
@@ -447,6 +459,7 @@ int32_t llama_kv_score_access::evict_seq(llama_context & lctx, int32_t seq_id, i
     }
 
     lctx.synchronize();
+    flush_lazy(lctx, *kv);
 
     const int64_t t0 = ggml_time_us();
 
@@ -496,6 +509,7 @@ int32_t llama_kv_score_access::evict_for_batch(llama_context & lctx, const llama
     if (kv == nullptr || kv->other != nullptr) {
         return 0;
     }
+    flush_lazy(lctx, *kv);
 
     const int64_t t0 = ggml_time_us();
 
@@ -523,7 +537,7 @@ int32_t llama_kv_score_access::evict_for_batch(llama_context & lctx, const llama
         const uint32_t strm = stream_of(kv->seq_to_stream, sid);
         deficit[strm]  += n + c.params.evict_chunk;
         short_by[strm] += n;
-        avail[strm]    += std::max(0, n_cells(*kv, sid) - c.params.n_sink - c.params.n_recent);
+        avail[strm]    += std::max(0, n_cells(*kv, sid) - c.params.n_sink - std::max(0, c.params.n_recent));
     }
     for (uint32_t s = 0; s < n_stream; ++s) {
         const auto & cells = kv->v_cells[s];

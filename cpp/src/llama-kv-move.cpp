@@ -20,6 +20,7 @@
 // scheduler, like llama.cpp's K-shift graph.
 
 #include "llama-kv-score.h"
+#include "llama-kv-side-graph.h"
 
 #include "llama-context.h"
 #include "llama-graph.h"
@@ -33,32 +34,12 @@
 #include <cstring>
 #include <functional>
 
-namespace {
-
-// index tensors of the graph, filled from host vectors when the graph runs
-class llm_graph_input_kv_move : public llm_graph_input_i {
-public:
-    void set_input(const llama_ubatch * ubatch) override {
-        GGML_UNUSED(ubatch);
-        for (size_t i = 0; i < i32.size(); ++i) {
-            ggml_backend_tensor_set(i32[i].first, i32[i].second.data(), 0, i32[i].second.size()*sizeof(int32_t));
-        }
-        for (size_t i = 0; i < i64.size(); ++i) {
-            ggml_backend_tensor_set(i64[i].first, i64[i].second.data(), 0, i64[i].second.size()*sizeof(int64_t));
-        }
-    }
-
-    std::vector<std::pair<ggml_tensor *, std::vector<int32_t>>> i32; // get_rows: source rows
-    std::vector<std::pair<ggml_tensor *, std::vector<int64_t>>> i64; // set_rows: destination rows
-};
-
-} // namespace
 
 // Build (through `build`) and compute a small graph on the context's scheduler, as
 // llama.cpp's K-shift does; the scheduler then holds this graph, so no graph of a
 // previous decode may be reused.
-static bool compute_side_graph(llama_context & lctx, const char * what,
-                               const std::function<void(ggml_context *, ggml_cgraph *, llm_graph_input_kv_move &)> & build) {
+bool llama_kv_score_access::compute_side_graph(llama_context & lctx, const char * what,
+                                               const std::function<void(ggml_context *, ggml_cgraph *, llm_graph_input_side &)> & build) {
     lctx.synchronize();
 
     auto * sched = lctx.get_sched();
@@ -67,7 +48,7 @@ static bool compute_side_graph(llama_context & lctx, const char * what,
     auto * res = lctx.get_gf_res_reserve();
     res->reset();
 
-    auto inp = std::make_unique<llm_graph_input_kv_move>();
+    auto inp = std::make_unique<llm_graph_input_side>();
     build(res->get_ctx(), res->get_gf(), *inp);
     res->add_input(std::move(inp));
 
@@ -93,7 +74,7 @@ bool llama_kv_score_access::move_unit_rows(llama_context & lctx, llama_kv_cache 
     int64_t n_bytes = 0;
 
     const bool ok = compute_side_graph(lctx, "moves KV rows", [&](ggml_context * ctx, ggml_cgraph * gf,
-                                                                  llm_graph_input_kv_move & inp) {
+                                                                  llm_graph_input_side & inp) {
         const int64_t kv_size  = kv.get_size();
         const uint32_t nh_max  = std::max<int32_t>(1, n_head_kv(kv));
 
@@ -179,7 +160,7 @@ bool llama_kv_score_access::rotate_unit_rows(llama_context & lctx, llama_kv_cach
     const auto & cparams  = lctx.cparams;
 
     return compute_side_graph(lctx, "re-rotates K per layer and head", [&](ggml_context * ctx, ggml_cgraph * gf,
-                                                                          llm_graph_input_kv_move & inp) {
+                                                                          llm_graph_input_side & inp) {
         uint32_t il_scored = 0;
         for (const auto & layer : kv.layers) {
             if (layer.score == nullptr) {

@@ -15,11 +15,12 @@ inline llama_kv_policy_params llama_kv_policy_defaults() {
     p.forgetting_factor = 1.0f; // alpha (1 = H2O)
     p.value_aware       = false;
     p.n_sink            = 4;
-    p.n_recent          = 32;
+    p.n_recent          = LLAMA_KV_RECENT_HALF;
     p.evict_chunk       = 16;
     p.seed              = 0;
-    p.granularity       = LLAMA_KV_GRANULARITY_TOKEN;
+    p.granularity       = LLAMA_KV_GRANULARITY_AUTO;
     p.mean_attention    = false;
+    p.decode_scoring    = LLAMA_KV_DECODE_SCORING_LAZY;
     return p;
 }
 
@@ -34,6 +35,21 @@ struct llama_kv_policy_cfg {
     // the scores are accumulated in the compute graph only for score-ranked policies
     bool scored() const { return kind() == LLAMA_KV_POLICY_SCORE; }
 
+    // the newest positions an eviction keeps among n_cells cells when freeing n_free:
+    // n_recent, or with LLAMA_KV_RECENT_HALF half of what is kept after the n_sink oldest
+    // (the budget split of H2O's and A2SF's code: half recent window, half selected)
+    int32_t n_recent_for(int32_t n_cells, int32_t n_free) const {
+        if (params.n_recent >= 0) {
+            return params.n_recent;
+        }
+        const int32_t n_sink = n_cells < params.n_sink ? n_cells : params.n_sink;
+        const int32_t kept   = n_cells - n_free - n_sink;
+        return kept > 0 ? kept/2 : 0;
+    }
+
+    // decode steps with flash attention store their queries for one batched product
+    bool lazy_decode() const { return scored() && params.decode_scoring == LLAMA_KV_DECODE_SCORING_LAZY; }
+
     // the engine tracks what each (layer, head) holds in each cell (llama_kv_units)
     bool tracks_units() const { return scored() && (granularity() != LLAMA_KV_GRANULARITY_TOKEN || params.mean_attention); }
 
@@ -42,7 +58,8 @@ struct llama_kv_policy_cfg {
         const auto & b = o.params;
         return a.kind == b.kind && a.forgetting_factor == b.forgetting_factor && a.value_aware == b.value_aware &&
                a.n_sink == b.n_sink && a.n_recent == b.n_recent && a.evict_chunk == b.evict_chunk && a.seed == b.seed &&
-               a.granularity == b.granularity && a.mean_attention == b.mean_attention;
+               a.granularity == b.granularity && a.mean_attention == b.mean_attention &&
+               a.decode_scoring == b.decode_scoring;
     }
     bool operator!=(const llama_kv_policy_cfg & o) const { return !(*this == o); }
 };

@@ -26,10 +26,13 @@ int32_t llama_kv_policy_set(struct llama_context * ctx, const struct llama_kv_po
     if (!std::isfinite(p.forgetting_factor) || p.forgetting_factor < 0.0f || p.forgetting_factor > 1.0f) {
         return LLAMA_KV_POLICY_ERR_ARG;
     }
-    if (p.n_sink < 0 || p.n_recent < 0 || p.evict_chunk < 0) {
+    if (p.n_sink < 0 || p.n_recent < LLAMA_KV_RECENT_HALF || p.evict_chunk < 0) {
         return LLAMA_KV_POLICY_ERR_ARG;
     }
-    if (p.granularity < LLAMA_KV_GRANULARITY_TOKEN || p.granularity > LLAMA_KV_GRANULARITY_HEAD) {
+    if (p.granularity < LLAMA_KV_GRANULARITY_AUTO || p.granularity > LLAMA_KV_GRANULARITY_HEAD) {
+        return LLAMA_KV_POLICY_ERR_ARG;
+    }
+    if (p.decode_scoring < LLAMA_KV_DECODE_SCORING_EAGER || p.decode_scoring > LLAMA_KV_DECODE_SCORING_LAZY) {
         return LLAMA_KV_POLICY_ERR_ARG;
     }
 
@@ -40,6 +43,17 @@ int32_t llama_kv_policy_set(struct llama_context * ctx, const struct llama_kv_po
 
     llama_kv_policy_cfg c;
     c.params = p;
+    if (p.granularity == LLAMA_KV_GRANULARITY_AUTO) {
+        // per (layer, KV head) selection is what makes scores beat recency (README, "Which
+        // policy should I use"); token where per-head moves or compaction cannot be exact
+        bool per_head = kv != nullptr && !llama_kv_score_access::uses_alibi(*ctx);
+        if (kv != nullptr) {
+            for (ggml_tensor * t : llama_kv_score_access::scored_k(*kv)) {
+                per_head = per_head && (t->type == GGML_TYPE_F16 || t->type == GGML_TYPE_F32 || t->type == GGML_TYPE_BF16);
+            }
+        }
+        c.params.granularity = per_head ? LLAMA_KV_GRANULARITY_HEAD : LLAMA_KV_GRANULARITY_TOKEN;
+    }
 
     // ALiBi biases attention by the distance of the cell's position: tokens moved into
     // other cells would keep the wrong bias (layer/head granularity is refused there)
@@ -55,6 +69,10 @@ int32_t llama_kv_policy_set(struct llama_context * ctx, const struct llama_kv_po
         llama_kv_score_access::reset_units(*kv);
     }
     if (cur != c) {
+        if (kv) {
+            // the pending decode queries were evaluated under the old policy
+            llama_kv_score_access::flush_lazy(*ctx, *kv);
+        }
         cur = c;
         llama_kv_score_access::invalidate_graphs(*ctx);
     }
@@ -135,6 +153,9 @@ int32_t llama_kv_policy_get_stats(const struct llama_context * ctx, struct llama
     out->n_move_events   = st.n_move_events;
     out->n_bytes_moved   = st.n_bytes_moved;
     out->t_move_us       = st.t_move_us;
+    out->n_lazy_flushes  = st.n_lazy_flushes;
+    out->n_lazy_queries  = st.n_lazy_queries;
+    out->t_lazy_us       = st.t_lazy_us;
     out->n_cells_used    = 0;
     if (const llama_kv_cache * kv = llama_kv_score_access::get_kv(lctx)) {
         out->n_cells_used = llama_kv_score_access::n_cells_used(*kv);
@@ -155,6 +176,9 @@ void llama_kv_policy_reset_stats(struct llama_context * ctx) {
     st.n_move_events   = 0;
     st.n_bytes_moved   = 0;
     st.t_move_us       = 0;
+    st.n_lazy_flushes  = 0;
+    st.n_lazy_queries  = 0;
+    st.t_lazy_us       = 0;
 }
 
 int32_t llama_kv_policy_evict(struct llama_context * ctx, llama_seq_id seq_id, int32_t n_free) {

@@ -57,7 +57,8 @@ public:
     bool can_reuse(const llm_graph_params & params) override {
         mctx = llama_kv_score_access::base_context(params.mctx);
         const int64_t n_stream = w->ne[3];
-        return w->ne[0]*n_stream == (int64_t) params.ubatch.n_tokens &&
+        return !llama_kv_score_access::lazy_step(mctx) &&
+               w->ne[0]*n_stream == (int64_t) params.ubatch.n_tokens &&
                m->ne[0] == (int64_t) mctx->get_n_kv() &&
                score_rows(cfg.params.forgetting_factor, params.ubatch, w->ne[0], n_stream) == n_rows;
     }
@@ -290,6 +291,12 @@ void llama_kv_score_access::build_update(const llm_graph_context & g, const llam
         return;
     }
 
+    if (kv.a2sf_units.lazy.step_lazy) {
+        // a lazy decode step: only keep the queries, scored later in one product
+        build_store_queries(g, mctx, q_cur, kq_scale, il);
+        return;
+    }
+
     ggml_context * ctx0 = g.ctx0;
 
     // the query rows that count (all but the far past of a long ubatch for alpha < 1)
@@ -339,11 +346,7 @@ void llama_kv_score_access::build_update(const llm_graph_context & g, const llam
     }
 
     const int64_t n_kv      = probs->ne[0];
-    const int64_t n_tps     = probs->ne[1];
-    const int64_t n_head    = probs->ne[2];
     const int64_t n_stream  = probs->ne[3];
-    const int64_t n_head_kv = g.hparams.n_head_kv(il);
-    const int64_t n_group   = n_head/n_head_kv;
 
     const uint32_t s0 = mctx->sinfos[mctx->i_cur].s0;
 
@@ -367,7 +370,25 @@ void llama_kv_score_access::build_update(const llm_graph_context & g, const llam
         inp_score = static_cast<llm_graph_input_kv_score *>(g.res->add_input(std::move(in)));
     }
 
-    if (cfg.params.value_aware) {
+    build_score_add(ctx0, g.gf, kv, il, probs, inp_score->w, inp_score->m, s0, cfg.params.value_aware);
+}
+
+void llama_kv_score_access::build_score_add(ggml_context * ctx0, ggml_cgraph * gf, const llama_kv_cache & kv, int il,
+                                            ggml_tensor * probs, ggml_tensor * w, ggml_tensor * m, uint32_t s0,
+                                            bool value_aware) {
+    // probs F32 [n_kv, n_tps, n_head, n_stream]: attention of the rows that count;
+    // w F32 [>= n_tps, 1, 1, n_stream]: query weights, the last n_tps are these rows';
+    // m F32 [n_kv, n_stream]: decay of each cell's old score
+    const auto & layer = kv.layers[kv.map_layer_ids.at(il)];
+
+    const int64_t n_kv      = probs->ne[0];
+    const int64_t n_tps     = probs->ne[1];
+    const int64_t n_head    = probs->ne[2];
+    const int64_t n_stream  = probs->ne[3];
+    const int64_t n_head_kv = kv.hparams.n_head_kv(il);
+    const int64_t n_group   = n_head/n_head_kv;
+
+    if (value_aware) {
         // VATP: attention times the L1 norm of the cell's value vector of the head's KV group.
         // head h reads KV head h/n_group, so [n_tps, n_head] regroups as [n_tps*n_group, n_head_kv]
         ggml_tensor * vn = ggml_view_3d(ctx0, layer.vnorm, n_head_kv, n_kv, n_stream,
@@ -384,7 +405,6 @@ void llama_kv_score_access::build_update(const llm_graph_context & g, const llam
     // [n_tps, n_head] regroups as [n_tps*n_group, n_head_kv] (index t + n_tps*g).
     ggml_tensor * p4 = ggml_reshape_4d(ctx0, probs, n_kv, n_tps*n_group, n_head_kv, n_stream);
     // the weights of the rows that count
-    ggml_tensor * w = inp_score->w;
     if (n_tps < w->ne[0]) {
         w = ggml_view_4d(ctx0, w, n_tps, 1, 1, n_stream, w->nb[1], w->nb[2], w->nb[3], (w->ne[0] - n_tps)*w->nb[0]);
     }
@@ -397,9 +417,9 @@ void llama_kv_score_access::build_update(const llm_graph_context & g, const llam
     // score: F32 [kv_size, n_head_kv, n_stream]; the first n_kv cells of the ubatch's streams
     ggml_tensor * s_old = ggml_view_3d(ctx0, layer.score, n_kv, n_head_kv, n_stream,
                                        layer.score->nb[1], layer.score->nb[2], layer.score->nb[2]*s0);
-    ggml_tensor * m3    = ggml_reshape_3d(ctx0, inp_score->m, n_kv, 1, n_stream);
+    ggml_tensor * m3    = ggml_reshape_3d(ctx0, m, n_kv, 1, n_stream);
     ggml_tensor * s_new = ggml_add(ctx0, ggml_mul(ctx0, s_old, m3), contrib);
 
     ggml_set_name(s_new, "a2sf_score");
-    ggml_build_forward_expand(g.gf, ggml_cpy(ctx0, s_new, s_old));
+    ggml_build_forward_expand(gf, ggml_cpy(ctx0, s_new, s_old));
 }

@@ -7,7 +7,10 @@
 
 #include "llama-kv-policy-cfg.h"
 
+#include "ggml-cpp.h"
+
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <random>
 #include <vector>
@@ -18,6 +21,7 @@ struct llama_context;
 struct llama_ubatch;
 struct llm_graph_context;
 struct llm_graph_params;
+struct llm_graph_input_side;
 class  llm_graph_input_attn_kv;
 class  llama_kv_cache;
 class  llama_kv_cells;
@@ -36,8 +40,47 @@ struct llama_kv_score_state {
     int64_t n_move_events   = 0; // graphs that moved rows of single layers/heads
     int64_t n_bytes_moved   = 0; // K + V bytes they moved
     int64_t t_move_us       = 0;
+    int64_t n_lazy_flushes  = 0; // batched products that scored pending decode queries
+    int64_t n_lazy_queries  = 0; // decode queries they scored
+    int64_t t_lazy_us       = 0;
 
     std::mt19937 rng{0};
+};
+
+// Lazy decode scoring (llama-kv-lazy.cpp). With flash attention the graph never holds
+// the attention probabilities, so eager scoring runs one more K.q and softmax per
+// decode step: one more pass over K per token. Between the events that change cells
+// (eviction, compaction, llama_memory_seq_*, state save/load) no cell is removed, so
+// a decode query's attention row can still be computed later: a decode ubatch only
+// stores its post-RoPE Q in a ring (one per scored layer, on the layer's backend), and
+// one batched product per stream scores the ring's queries when the scores are needed
+// or the ring is full. K is read once per flush, not once per token.
+struct llama_kv_lazy {
+    static constexpr uint32_t N_SLOTS = 64; // queries a ring holds per stream
+
+    llama_context * owner = nullptr; // the context whose scheduler flushes (set on each decode)
+    bool step_lazy = false;          // the ubatch being built/computed stores its queries
+
+    // F32 [head_dim, N_SLOTS, n_head, n_stream] per scored layer (same order as kv.layers with scores)
+    std::vector<ggml_tensor *>         rings;
+    std::vector<ggml_context_ptr>      ctxs;
+    std::vector<ggml_backend_buffer_ptr> bufs;
+
+    // per stream: the ring's sequence, its queries' positions, the cells written since the last flush
+    std::vector<int32_t>               seq;
+    std::vector<std::vector<int32_t>>  pos;
+    std::vector<std::vector<uint32_t>> written;
+
+    std::vector<float> kq_scale; // per scored layer, as the attention graph applied it
+
+    bool pending() const {
+        for (const auto & p : pos) {
+            if (!p.empty()) {
+                return true;
+            }
+        }
+        return false;
+    }
 };
 
 // What each (scored layer, KV head) -- a "unit" -- holds in each cell. llama.cpp's
@@ -59,6 +102,10 @@ struct llama_kv_units {
     std::vector<uint8_t> diverged; // [n_stream]: some unit holds another token than its cell's own
 
     std::map<int32_t, int64_t> n_queries; // queries evaluated per sequence so far
+
+    // not part of the map: the decode queries not yet scored, kept here because this
+    // member is the engine's one foothold in the cache (resetting the map keeps it)
+    llama_kv_lazy lazy;
 
     bool     allocated() const { return kv_size != 0; }
     uint32_t n_units()   const { return n_layer*n_head_kv; }
@@ -130,6 +177,34 @@ struct llama_kv_score_access {
     // compaction of a stream whose units hold different tokens per cell (llama-kv-compact.cpp)
     static int32_t compact_units(llama_context & lctx, llama_kv_cache & kv, uint32_t strm, int32_t seq_id);
 
+    // lazy decode scoring (llama-kv-lazy.cpp).
+    // llama_context::decode, before each ubatch's graph: decide whether this ubatch only
+    // stores its queries (flash attention, one token per stream, room in the ring); if not,
+    // score the pending ones first
+    static void before_ubatch(llama_context & lctx, const llama_ubatch & ubatch, const llama_memory_context_i * mctx);
+    // llama_kv_cache::seq_*: the cells of seq_id (-1: any) at positions [p0, p1) (negative:
+    // unbounded) are about to change; if any exists in a stream with pending queries, score
+    // them first
+    static void before_cells_change(const llama_kv_cache & kv, int32_t seq_id, int32_t p0, int32_t p1);
+    // llama_kv_cache::clear: the pending queries go with the cells
+    static void drop_pending_queries(const llama_kv_cache & kv);
+    // score the pending queries of every stream now (every reader of scores calls it)
+    static bool flush_lazy(llama_context & lctx, llama_kv_cache & kv);
+    // graph side of a lazy step: store this layer's queries in its ring
+    static void build_store_queries(const llm_graph_context & g, const llama_kv_cache_context * mctx,
+                                    ggml_tensor * q_cur, float kq_scale, int il);
+    // fill the ring rows of a lazy ubatch and record its queries (seq, position, cell written)
+    static void set_lazy_inputs(const llama_kv_cache_context * mctx, const struct llama_ubatch * ubatch,
+                                const llama_kv_policy_cfg & cfg, ggml_tensor * rows);
+    // whether the ubatch being built is a lazy step (graph reuse compares it)
+    static bool lazy_step(const llama_kv_cache_context * mctx);
+    // one small graph on the context's scheduler (llama-kv-move.cpp)
+    static bool compute_side_graph(llama_context & lctx, const char * what,
+                                   const std::function<void(ggml_context *, ggml_cgraph *, llm_graph_input_side &)> & build);
+    // the score update shared by the eager graph and the flush: decay, weight, add
+    static void build_score_add(ggml_context * ctx0, ggml_cgraph * gf, const llama_kv_cache & kv, int il,
+                                ggml_tensor * probs, ggml_tensor * w, ggml_tensor * m, uint32_t s0, bool value_aware);
+
     static int32_t head_scores(llama_context & lctx, int32_t seq_id, int32_t capacity,
                                int32_t * pos_out, float * scores_out);
     static int32_t compress_seq(llama_context & lctx, int32_t seq_id, int32_t n_keep);
@@ -150,6 +225,7 @@ struct llama_kv_score_access {
     static llama_kv_score_state  & state(llama_context & lctx);
     static void                    invalidate_graphs(llama_context & lctx);
     static std::vector<ggml_tensor *> scored_layers(const llama_kv_cache & kv);
+    static std::vector<ggml_tensor *> scored_k(const llama_kv_cache & kv); // K of the scored layers
     static int32_t                 n_scored_layers(const llama_kv_cache & kv);
     static std::vector<int32_t>    scored_layer_ids(const llama_kv_cache & kv); // model layer indices
     static int32_t                 n_cells(const llama_kv_cache & kv, int32_t seq_id);

@@ -85,6 +85,9 @@ void llama_kv_state_access::write_begin(llama_context & lctx, llama_io_write_i &
     if (kv && seq_id != -1 && !llama_kv_score_access::valid_seq(*kv, seq_id)) {
         throw std::runtime_error("sequence id " + std::to_string(seq_id) + " is out of range");
     }
+    if (llama_kv_cache * k = llama_kv_score_access::get_kv(lctx)) {
+        llama_kv_score_access::flush_lazy(lctx, *k); // the state carries complete scores
+    }
     const uint32_t hdr[4] = {
         STATE_MAGIC, STATE_VERSION, policy_flags(llama_kv_score_access::cfg(lctx)), n_state_layers(kv),
     };
@@ -108,6 +111,9 @@ void llama_kv_state_access::read_begin(llama_context & lctx, llama_io_read_i & i
     const llama_kv_cache * kv = llama_kv_score_access::get_kv(lctx);
     if (kv && seq_id != -1 && !llama_kv_score_access::valid_seq(*kv, seq_id)) {
         fail("a2sf state: destination sequence id %d is out of range", seq_id);
+    }
+    if (llama_kv_cache * k = llama_kv_score_access::get_kv(lctx)) {
+        llama_kv_score_access::flush_lazy(lctx, *k); // the other sequences' pending queries
     }
 
     uint32_t hdr[4] = { 0, 0, 0, 0 };

@@ -136,9 +136,10 @@ class Llama(InputGuards, PositionLimit, PositionCompaction, PrefixReuse, PromptC
         self._a2sf_load(model_path, kwargs)
         self._a2sf_check_positions(max_positions)
         try:
+            policy = self._kv_policy = self._a2sf_set_native_policy(policy)
             iswa = len(core.scored_layers(self._a2sf_ctx())) < int(llama_cpp.llama_model_n_layer(self._model.model))
             positions = resolve_positions(extras.get("positions"), self._a2sf_position_limit is not None,
-                                          policy.granularity != "token" and iswa)
+                                          policy.granularity not in (None, "token") and iswa)
             self._a2sf_start_budget(extras.get("kv_budget"))
         except ValueError:
             self.close()
@@ -146,7 +147,6 @@ class Llama(InputGuards, PositionLimit, PositionCompaction, PrefixReuse, PromptC
 
         self._a2sf_settings = extras
         self._a2sf_max_positions = max_positions
-        core.set_policy(self._a2sf_ctx(), **policy.to_native())
         self._a2sf_start_positions(positions)
         self._a2sf_reserve(self.n_tokens + self.n_batch)
 
@@ -213,8 +213,7 @@ class Llama(InputGuards, PositionLimit, PositionCompaction, PrefixReuse, PromptC
                     f"n_sink + n_recent + n_batch = {policy.n_protected + self.n_batch} must be "
                     f"< n_ctx = {n_ctx} for {type(policy).__name__}"
                 )
-            core.set_policy(ctx, **policy.to_native())
-            self._kv_policy = policy
+            policy = self._kv_policy = self._a2sf_set_native_policy(policy)
             self._a2sf_reserve(self.n_tokens + self.n_batch)
         else:
             was_evicting = self.n_tokens > 0 and self._a2sf_cells_lost()
@@ -222,6 +221,16 @@ class Llama(InputGuards, PositionLimit, PositionCompaction, PrefixReuse, PromptC
             self._kv_policy = policy
             if was_evicting or self.n_tokens > self.n_ctx():
                 self.reset()
+        return policy
+
+    def _a2sf_set_native_policy(self, policy: KVPolicy) -> KVPolicy:
+        """Set ``policy`` on the context; the policy in force, with the granularity the
+        engine chose when it was left unset (head, or token where head cannot run)."""
+        core = _core()
+        core.set_policy(self._a2sf_ctx(), **policy.to_native())
+        if policy.granularity is None and "granularity" in policy.settable_fields():
+            chosen = int(core.get_policy(self._a2sf_ctx())["granularity"])
+            policy = policy.replace(granularity=SETTINGS_BY_NAME["granularity"].choices[chosen])
         return policy
 
     def kv_scores(self, seq_id: int = 0) -> KVScores:
@@ -240,7 +249,8 @@ class Llama(InputGuards, PositionLimit, PositionCompaction, PrefixReuse, PromptC
     def kv_stats(self) -> Dict[str, Any]:
         """Eviction statistics: evictions, cells_evicted, cells_used, evict_seconds;
         move_events, bytes_moved, move_seconds (granularity layer/head and compression
-        moving K/V rows between cells)."""
+        moving K/V rows between cells); lazy_flushes, lazy_queries, lazy_seconds (with
+        flash attention: the batched products that scored the decode queries)."""
         s = _core().stats(self._a2sf_ctx())
         return {
             "evictions": int(s["n_evictions"]),
@@ -252,6 +262,9 @@ class Llama(InputGuards, PositionLimit, PositionCompaction, PrefixReuse, PromptC
             "move_seconds": float(s["t_move_us"]) / 1e6,
             "compactions": int(s["n_compactions"]),
             "compact_seconds": float(s["t_compact_us"]) / 1e6,
+            "lazy_flushes": int(s["n_lazy_flushes"]),
+            "lazy_queries": int(s["n_lazy_queries"]),
+            "lazy_seconds": float(s["t_lazy_us"]) / 1e6,
         }
 
     def kv_head_scores(self, seq_id: int = 0):

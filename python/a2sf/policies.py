@@ -93,6 +93,7 @@ class Setting:
     native: Optional[str] = None
     range: Optional[Tuple[Any, Any]] = None  # inclusive bounds of an int/float
     choices: Optional[Tuple[str, ...]] = None  # allowed values of a str
+    native_none: Any = None  # what llama_kv_policy_params holds for None (a setting whose default is None)
 
     def check(self, value: Any, owner: Optional[str] = None) -> Any:
         """``value`` as a plain Python value of this setting, or TypeError/ValueError.
@@ -100,6 +101,8 @@ class Setting:
         ``owner`` prefixes the setting's name in messages (e.g. ``A2SF.seed``).
         """
         what = f"{owner}.{self.field or self.name}" if owner else self.name
+        if value is None and self.default is None:
+            return None  # unset: the setting's documented automatic value
         kind = self.type
         # bool is an int subclass in Python; a flag is never a size here
         if kind is bool:
@@ -134,6 +137,8 @@ class Setting:
     def to_native(self, value: Any) -> Any:
         """``value`` as ``llama_kv_policy_params`` holds it: a str choice is the C enum,
         numbered in the order of ``choices``."""
+        if value is None:
+            return self.native_none
         if self.type is str and self.choices is not None:
             return self.choices.index(value)
         return value
@@ -151,8 +156,9 @@ class Setting:
 SETTINGS: Tuple[Setting, ...] = (
     Setting("n_sink", int, 4, "first positions of a sequence, never evicted (attention sinks)",
             field="n_sink", native="n_sink", range=(0, _INT32_MAX)),
-    Setting("n_recent", int, 32, "newest positions of a sequence, never evicted (local window)",
-            field="n_recent", native="n_recent", range=(0, _INT32_MAX)),
+    Setting("n_recent", int, None, "newest positions of a sequence, never evicted (local window); "
+            "None: half of the cells each eviction keeps after the sinks (H2O's and A2SF's split)",
+            field="n_recent", native="n_recent", range=(0, _INT32_MAX), native_none=-1),
     Setting("evict_chunk", int, 16, "extra cells an eviction frees beyond what the batch needs "
             "(eviction then runs once every evict_chunk tokens)",
             field="evict_chunk", native="evict_chunk", range=(0, _INT32_MAX)),
@@ -163,12 +169,17 @@ SETTINGS: Tuple[Setting, ...] = (
             field="value_aware", native="value_aware"),
     Setting("kv_seed", int, 0, "seed of the random policy",
             field="seed", native="seed", range=(0, _UINT32_MAX)),
-    Setting("granularity", str, "token", "which unit keeps its own tokens when a scored policy evicts: "
-            "token (a cell is one token for all layers and heads), layer, or head (per layer and KV head)",
-            field="granularity", native="granularity", choices=("token", "layer", "head")),
+    Setting("granularity", str, None, "which unit keeps its own tokens when a scored policy evicts: "
+            "token (a cell is one token for all layers and heads), layer, or head (per layer and KV head). "
+            "Default: head, or token where head cannot run (ALiBi models, quantized K)",
+            field="granularity", native="granularity", choices=("token", "layer", "head"), native_none=-1),
     Setting("mean_attention", bool, False, "rank by accumulated attention divided by the number of "
             "queries that saw the token (kvpress's ObservedAttention)",
             field="mean_attention", native="mean_attention"),
+    Setting("decode_scoring", str, "lazy", "with flash attention, how decode steps are scored (both exact): "
+            "lazy (store each step's queries, score them in one batched product when the scores are "
+            "needed) or eager (one extra K.q and softmax per step)",
+            field="decode_scoring", native="decode_scoring", choices=("eager", "lazy")),
     Setting("positions", str, None, "position compaction for endless streams: cache (renumber the kept "
             "cells after each eviction, positions stay within the cache), training (only before the "
             "model's training context), absolute (never; the completion API stops at max_positions). "
@@ -230,7 +241,7 @@ class KVPolicy:
     @property
     def n_protected(self) -> int:
         """Cells of each sequence that are never evicted (sinks + recent)."""
-        return self.n_sink + self.n_recent
+        return self.n_sink + (self.n_recent or 0)
 
     def replace(self, **overrides: Any) -> "KVPolicy":
         """A copy with some fields changed (validated like the constructor)."""

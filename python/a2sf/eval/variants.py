@@ -23,19 +23,23 @@ __all__ = ["variants_table", "main"]
 
 
 def variants_table(records, command: str) -> str:
+    # records of other settings (context, scored tokens, threads) are other windows: one
+    # table per dataset and settings, never pooled
     by_ds = defaultdict(list)
     for r in records:
-        by_ds[r["dataset"]].append(r)
+        by_ds[(r["dataset"], r["settings_hash"])].append(r)
     lines = [f"Perplexity / full cache and the paired difference to StreamingLLM on the same windows "
              f"(mean log ppl ratio +- s.e.; negative = better than streaming). Command: `{command}`", ""]
-    for ds, recs in sorted(by_ds.items()):
+    for (ds, _), recs in sorted(by_ds.items()):
+        st = recs[0]["settings"]
         s = ppl_summary(recs)
         ratios = sorted({k[1] for k in s if k[1] is not None})
         for ratio in ratios:
             base = ("streaming", ratio, None, None)
             rows = sorted((k for k in s if k[1] == ratio), key=lambda k: s[k]["ratio_to_full"])
             n_win = max((s[k]["windows"] for k in rows), default=0)
-            lines += [f"**{ds}, budget {ratio:g} of the context, {n_win} windows**", "",
+            lines += [f"**{ds}, budget {ratio:g} of the context ({st['context']} tokens, then "
+                      f"{st['continuation']} scored), {n_win} windows**", "",
                       "| variant | alpha | ppl / full | vs streaming | verdict |", "|---|---:|---:|---:|---|"]
             for k in rows:
                 d = paired_ppl(s, k, base) if k != base else None

@@ -1,0 +1,173 @@
+"""Lazy decode scoring (cpp/src/llama-kv-lazy.cpp): with flash attention, decode steps
+store their queries and one batched product scores them when the scores are needed.
+
+It must give the eager path's scores (every decode step scored in its own graph) and
+the numpy reference's, for every scored policy and granularity, across the events
+that flush the ring: the ring filling, a score read, eviction, ``seq_rm``, a state
+save and load, and a change of sequence in a stream.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import llama_cpp
+from a2sf import Llama
+from a2sf.policies import make_policy
+from a2sf.testing.reference import ReferenceLlama, accumulate_scores
+from test_multi_sequence import SEQ0, SEQ1, Ctx, _scores
+
+GGML_TYPE_F32 = 0
+# lazy and eager compute the same probabilities in another order of float sums
+SAME = dict(rtol=1e-5, atol=1e-5)
+N_PROMPT, N_DECODE = 24, 70  # 70 decode steps: the 64-query ring fills once
+POLICIES = [("h2o", {}), ("tova", {}), ("a2sf", {"forgetting_factor": 0.5}), ("vatp", {}), ("mean", {})]
+
+
+def _llm(path, decode_scoring, n_ctx=256, flash_attn=True, **policy):
+    return Llama(path, n_ctx=n_ctx, n_batch=16, n_ubatch=8, n_threads=1, n_threads_batch=1,
+                 type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, flash_attn=flash_attn, verbose=False,
+                 decode_scoring=decode_scoring, **policy)
+
+
+def _tokens(n, seed=0):
+    return [int(t) for t in np.random.default_rng(seed).integers(3, 290, n)]
+
+
+def _feed(llm, tokens, n_prompt):
+    llm.eval(tokens[:n_prompt])
+    for t in tokens[n_prompt:]:
+        llm.eval([t])
+
+
+@pytest.mark.parametrize("granularity", ["token", "head"])
+@pytest.mark.parametrize("policy,kw", POLICIES, ids=[p for p, _ in POLICIES])
+def test_lazy_scores_equal_eager_and_the_reference(core, tiny_f32, policy, kw, granularity):
+    tokens = _tokens(N_PROMPT + N_DECODE)
+    got = {}
+    for mode in ("eager", "lazy"):
+        llm = _llm(tiny_f32, mode, kv_policy=policy, granularity=granularity, **kw)
+        _feed(llm, tokens, N_PROMPT)
+        s = llm.kv_scores()
+        got[mode] = (s.positions.copy(), s.scores.astype(np.float64), llm.kv_head_scores()[1].copy(), llm.kv_stats())
+        llm.close()
+    (pe, se, he, ste), (pl, sl, hl, stl) = got["eager"], got["lazy"]
+    assert ste["lazy_queries"] == 0 and ste["lazy_flushes"] == 0
+    # every decode step went through the ring: one flush when it filled, one for the read
+    assert stl["lazy_queries"] == N_DECODE and stl["lazy_flushes"] == 2
+    np.testing.assert_array_equal(pl, pe)
+    np.testing.assert_allclose(sl, se, **SAME)
+    np.testing.assert_allclose(hl, he, **SAME)
+    # layer 0 reads the reference's own inputs (flash attention rounds deeper layers' inputs)
+    pol = make_policy(policy, **kw)
+    fr = ReferenceLlama(tiny_f32).forward(tokens)
+    ub = [8, 8, 8] + [1] * N_DECODE
+    ref = accumulate_scores(fr.probs, fr.v_l1, ub, pol.forgetting_factor, pol.value_aware)
+    np.testing.assert_allclose(sl[0], ref[0], rtol=1e-4, atol=1e-4)
+
+
+def test_without_flash_attention_nothing_is_deferred(core, tiny_f32):
+    llm = _llm(tiny_f32, "lazy", flash_attn=False, kv_policy="a2sf")
+    _feed(llm, _tokens(40), 20)
+    llm.kv_scores()
+    assert llm.kv_stats()["lazy_queries"] == 0
+
+
+@pytest.mark.parametrize("granularity", ["token", "head"])
+def test_continuous_eviction_keeps_the_same_tokens_lazy_and_eager(core, tiny_f32, granularity):
+    """A 256-cell cache over 340 tokens: each eviction event flushes the ring first, so
+    lazy and eager evict the same tokens and generate from the same cache."""
+    tokens = _tokens(340, seed=1)
+    got = {}
+    for mode in ("eager", "lazy"):
+        llm = _llm(tiny_f32, mode, n_ctx=256, kv_policy="a2sf", granularity=granularity, n_recent=16,
+                   positions="absolute", logits_all=True)
+        _feed(llm, tokens, 200)
+        s = llm.kv_scores()
+        got[mode] = (s.token_index.copy(), s.scores.astype(np.float64), llm.kv_head_scores()[0].copy(),
+                     np.array(llm.scores[llm.n_tokens - 1]), llm.kv_stats())
+        llm.close()
+    (te, se, he, le, ste), (tl, sl, hl, ll, stl) = got["eager"], got["lazy"]
+    assert ste["evictions"] == stl["evictions"] > 3
+    assert stl["lazy_flushes"] >= ste["evictions"]
+    np.testing.assert_array_equal(tl, te)
+    np.testing.assert_array_equal(hl, he)
+    np.testing.assert_allclose(sl, se, **SAME)
+    np.testing.assert_allclose(ll, le, rtol=1e-5, atol=1e-5)
+
+
+def test_seq_rm_scores_the_pending_queries_first(core, tiny_f32):
+    """Removing the last positions (as llama-cpp-python does when a new prompt diverges)
+    changes what the pending queries attended: they are scored before the cells go."""
+    tokens = _tokens(60, seed=2)
+    got = {}
+    for mode in ("eager", "lazy"):
+        llm = _llm(tiny_f32, mode, kv_policy="h2o")
+        _feed(llm, tokens[:40], 20)
+        mem = llama_cpp.llama_get_memory(llm._ctx.ctx)
+        assert llama_cpp.llama_memory_seq_rm(mem, 0, 35, -1)
+        llm.n_tokens = 35
+        _feed(llm, tokens[:35] + tokens[40:], 35)
+        s = llm.kv_scores()
+        got[mode] = (s.positions.copy(), s.scores.astype(np.float64), llm.kv_stats())
+        llm.close()
+    np.testing.assert_array_equal(got["lazy"][0], got["eager"][0])
+    np.testing.assert_allclose(got["lazy"][1], got["eager"][1], **SAME)
+    assert got["lazy"][2]["lazy_flushes"] >= 2  # one at seq_rm, one at the read
+
+
+def test_state_saved_with_pending_queries_carries_their_scores(core, tiny_f32):
+    tokens = _tokens(50, seed=3)
+    eager = _llm(tiny_f32, "eager", kv_policy="a2sf")
+    _feed(eager, tokens, 20)
+    ref = eager.kv_scores().scores.astype(np.float64)
+    eager.close()
+
+    lazy = _llm(tiny_f32, "lazy", kv_policy="a2sf")
+    _feed(lazy, tokens[:40], 20)
+    state = lazy.save_state()  # 20 decode queries pending
+    lazy.close()
+    restored = _llm(tiny_f32, "lazy", kv_policy="a2sf")
+    restored.load_state(state)
+    for t in tokens[40:]:
+        restored.eval([t])
+    np.testing.assert_allclose(restored.kv_scores().scores, ref, **SAME)
+    restored.close()
+
+
+@pytest.mark.parametrize("kv_unified", [True, False], ids=["one-stream", "two-streams"])
+def test_two_sequences_decoding_lazily_match_the_reference(core, tiny_f32, kv_unified):
+    """Two sequences decode one token each per ubatch: in one stream the ring holds one
+    sequence, so each change of sequence flushes it; in two streams each stream's ring
+    holds its own sequence. Both equal the reference run on each sequence alone."""
+    pol = make_policy("a2sf", forgetting_factor=0.8)
+    native = dict(pol.to_native(), decode_scoring=1)
+    c = Ctx(tiny_f32, kv_unified=kv_unified, flash_attn=True)
+    try:
+        core.set_policy(c.addr, **native)
+        c.decode([(t, i, 0) for i, t in enumerate(SEQ0)])
+        c.decode([(t, i, 1) for i, t in enumerate(SEQ1)])
+        dec = [[70, 71, 72, 73], [80, 81, 82, 83]]
+        for i in range(4):
+            if kv_unified:  # alternate: one sequence per ubatch
+                c.decode([(dec[0][i], len(SEQ0) + i, 0)])
+                c.decode([(dec[1][i], len(SEQ1) + i, 1)])
+            else:  # one ubatch, one token per stream
+                c.decode([(dec[0][i], len(SEQ0) + i, 0), (dec[1][i], len(SEQ1) + i, 1)])
+        ref = ReferenceLlama(tiny_f32)
+        for k, (prompt, toks) in enumerate(((SEQ0, SEQ0 + dec[0]), (SEQ1, SEQ1 + dec[1]))):
+            fr = ref.forward(toks)
+            exp = accumulate_scores(fr.probs, fr.v_l1, [len(prompt)] + [1] * 4, pol.forgetting_factor, False)
+            pos, got = _scores(core, c, k)
+            assert pos.tolist() == list(range(len(toks)))
+            np.testing.assert_allclose(got[0], exp[0], rtol=1e-4, atol=1e-4, err_msg=f"sequence {k}")
+            np.testing.assert_allclose(got, exp, rtol=2e-2, atol=5e-3, err_msg=f"sequence {k}")
+        stats = core.stats(c.addr)
+        assert stats["n_lazy_queries"] == 8
+    finally:
+        c.close()
+
+
+def test_decode_scoring_rejects_unknown_values(tiny_f32):
+    with pytest.raises(ValueError, match="decode_scoring must be one of eager, lazy, got 'later'"):
+        _llm(tiny_f32, "later", kv_policy="a2sf")
