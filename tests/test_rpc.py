@@ -1,0 +1,274 @@
+"""Layers on an rpc-server (llama.cpp's RPC backend), against the local CPU run.
+
+* ``rpc_servers=`` is checked before anything loads: a malformed endpoint is a
+  ValueError, a build without RPC a RuntimeError, nothing listening (or a server
+  that is not an rpc-server) a ConnectionError, never ggml's abort;
+* SmolLM2 with every layer on an rpc-server on 127.0.0.1 (so its K/V and the
+  score tensors live there), a2sf with a cache that evicts many times, granularity
+  token and head: the same greedy tokens, the same kept cells (positions,
+  token_index) and the same scores (rtol 1e-4) as the local CPU run;
+* llama-server ``--rpc 127.0.0.1:PORT -ngl 99 --kv-policy a2sf`` answers as the
+  local llama-server does, with the same eviction counters in /slots.
+
+Each run is its own process (ggml registers RPC devices process-wide, and an
+rpc-server serves one client at a time). The comparisons need an a2sf built with
+``-DGGML_RPC=ON`` and ggml-rpc-server (bash scripts/build-rpc.sh; A2SF_RPC_SERVER
+names another binary): an optional build, so they are skipped without it, also
+under CI=true, and marked slow. They never build anything.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from a2sf._llama.rpc import parse_rpc_servers, rpc_supported
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- checks before the model load (no rpc-server needed) ------------------------
+
+@pytest.mark.parametrize("value", ["", "localhost", "127.0.0.1:", ":50052", "127.0.0.1:0", "127.0.0.1:65536",
+                                   "127.0.0.1:http", "[::1]:50052", "a b:1", "127.0.0.1:1,", 50052,
+                                   ["127.0.0.1:1", 2], "127.0.0.1:1,127.0.0.1:1"])
+def test_bad_endpoint_is_a_value_error(value):
+    with pytest.raises(ValueError, match="rpc_servers"):
+        parse_rpc_servers(value)
+
+
+def test_endpoints_parse():
+    assert parse_rpc_servers("127.0.0.1:50052, host-2.lan:1") == [("127.0.0.1", 50052), ("host-2.lan", 1)]
+    assert parse_rpc_servers(["10.0.0.1:5"]) == [("10.0.0.1", 5)]
+
+
+def test_llama_rejects_a_bad_endpoint_before_loading(tmp_path):
+    from a2sf import Llama
+
+    # the model file does not exist: the endpoint is refused first
+    with pytest.raises(ValueError, match="is not an endpoint"):
+        Llama(str(tmp_path / "missing.gguf"), rpc_servers="localhost", kv_policy="a2sf")
+
+
+@pytest.mark.skipif(rpc_supported(), reason="this build has the RPC backend")
+def test_build_without_rpc_says_so(tmp_path):
+    from a2sf import Llama
+
+    with pytest.raises(RuntimeError, match="-DGGML_RPC=ON"):
+        Llama(str(tmp_path / "missing.gguf"), rpc_servers=f"127.0.0.1:{_free_port()}")
+
+
+def test_nothing_listening_is_a_connection_error():
+    from a2sf._llama.rpc import _check_server
+
+    with pytest.raises(ConnectionError, match="no RPC server at 127.0.0.1"):
+        _check_server("127.0.0.1", _free_port())
+
+
+def test_a_server_that_is_not_rpc_is_a_connection_error():
+    from a2sf._llama.rpc import _check_server
+
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+
+        def answer():  # an HTTP-ish server: reads the request, replies nonsense, hangs up
+            conn, _ = srv.accept()
+            with conn:
+                conn.recv(64)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+        t = threading.Thread(target=answer, daemon=True)
+        t.start()
+        with pytest.raises(ConnectionError, match="rpc_servers"):
+            _check_server("127.0.0.1", srv.getsockname()[1], timeout=10)
+        t.join(10)
+
+
+# --- an rpc-server on loopback ----------------------------------------------------
+
+def _rpc_server_bin() -> Path:
+    env = os.environ.get("A2SF_RPC_SERVER")
+    path = Path(env) if env else ROOT / "build" / "server" / "bin" / "ggml-rpc-server"
+    if not path.exists():
+        pytest.skip(f"{path} not built (bash scripts/build-rpc.sh)")
+    return path
+
+
+@pytest.fixture()
+def rpc_server(tmp_path):
+    """An rpc-server on 127.0.0.1 (one CPU thread): its endpoint."""
+    binary = _rpc_server_bin()
+    port = _free_port()
+    log = tmp_path / "rpc-server.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([str(binary), "-H", "127.0.0.1", "-p", str(port), "-t", "1"],
+                                stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 60
+        while True:  # listening? (a bare connect: the server just sees a client that leaves)
+            if proc.poll() is not None:
+                pytest.fail(f"rpc-server exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline:
+                    pytest.fail(f"rpc-server did not come up:\n{log.read_text()[-3000:]}")
+                time.sleep(0.2)
+        yield f"127.0.0.1:{port}", proc, log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+# One run of a2sf.Llama in a fresh process: greedy tokens, the kept cells and their
+# scores after the prompt and at the end, and the eviction counters.
+_RUN = r"""
+import json, sys
+import numpy as np
+from a2sf import Llama
+from a2sf.bench_common import greedy
+args = json.loads(sys.argv[1])
+kw = dict(n_ctx=args["n_ctx"], n_batch=32, n_ubatch=32, n_threads=1, n_threads_batch=1, verbose=True, kv_policy="a2sf",
+          granularity=args["granularity"], n_recent=16, evict_chunk=8)
+if args["rpc"]:
+    kw["rpc_servers"] = args["rpc"]
+llm = Llama(args["model"], **kw)
+def cells():
+    s = llm.kv_scores()
+    out = {"positions": s.positions.tolist(), "token_index": s.token_index.tolist(),
+           "scores": s.scores.tolist()}
+    if args["granularity"] != "token":
+        pos, sc = llm.kv_head_scores()
+        out["head_positions"], out["head_scores"] = np.asarray(pos).tolist(), np.asarray(sc).tolist()
+    return out
+tokens = llm.tokenize(args["prompt"].encode())
+llm.eval(tokens)
+after_prompt = cells()
+out = []
+for _ in range(args["n_gen"]):
+    t = greedy(llm)
+    out.append(t)
+    llm.eval([t])
+print(json.dumps({"tokens": out, "prompt": after_prompt, "end": cells(), "stats": llm.kv_stats()}))
+"""
+
+
+def _run(smollm2, rpc, granularity):
+    prompt = ("The lighthouse keeper wrote in his log every evening. " * 14
+              + "On the last page of the log he wrote:")
+    args = dict(model=smollm2, rpc=rpc, granularity=granularity, n_ctx=256, n_gen=256, prompt=prompt)
+    r = subprocess.run(["nice", sys.executable, "-c", _RUN, json.dumps(args)], capture_output=True, text=True,
+                       timeout=900, cwd=str(ROOT))
+    assert r.returncode == 0, f"{'rpc' if rpc else 'local'} run failed ({r.returncode}):\n{r.stderr[-4000:]}"
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out["log"] = r.stderr
+    return out
+
+
+def _require_rpc_build():
+    if not rpc_supported():
+        pytest.skip("a2sf built without the RPC backend (CMAKE_ARGS=\"-DGGML_RPC=ON\" bash scripts/setup.sh)")
+
+
+def _assert_same_cells(local, remote, what):
+    for key in ("positions", "token_index", "head_positions"):
+        if key in local:
+            assert local[key] == remote[key], f"{what}: {key} differ"
+    for key in ("scores", "head_scores"):
+        if key in local:
+            a, b = np.asarray(local[key]), np.asarray(remote[key])
+            assert a.shape == b.shape, what
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=f"{what}: {key}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("granularity", ["token", "head"])
+def test_layers_on_an_rpc_server_evict_as_on_the_cpu(smollm2, rpc_server, granularity):
+    _require_rpc_build()
+    endpoint, proc, log = rpc_server
+    local = _run(smollm2, None, granularity)
+    remote = _run(smollm2, endpoint, granularity)
+    assert proc.poll() is None, log.read_text()[-3000:]
+    # every layer, and the KV buffer (K, V and the scores beside them), on the rpc-server
+    assert "RPC0" not in local["log"]
+    assert f"RPC0[{endpoint}] KV buffer size" in remote["log"], remote["log"][-3000:]
+    assert "offloaded 31/31 layers" in remote["log"], remote["log"][-3000:]
+
+    assert local["stats"]["evictions"] >= 3, local["stats"]  # the cache evicted several times
+    assert remote["tokens"] == local["tokens"]
+    for key in ("evictions", "cells_evicted", "cells_used", "compactions", "move_events"):
+        assert remote["stats"][key] == local["stats"][key], key
+    _assert_same_cells(local["prompt"], remote["prompt"], "after the prompt")
+    _assert_same_cells(local["end"], remote["end"], "after decoding")
+
+
+# --- llama-server --rpc -----------------------------------------------------------
+
+def _completion(server_bin, smollm2, extra, prompt):
+    port = _free_port()
+    proc = subprocess.Popen([str(server_bin), "-m", smollm2, "-np", "1", "-c", "128", "-t", "1", "-tb", "1",
+                             "--kv-policy", "a2sf", "--host", "127.0.0.1", "--port", str(port), *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"llama-server {extra} exited {proc.returncode}:\n{proc.stderr.read()[-3000:]}")
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2):
+                    break
+            except OSError:
+                if time.time() > deadline:
+                    pytest.fail("llama-server did not come up")
+                time.sleep(0.5)
+        body = json.dumps({"prompt": prompt, "n_predict": 120, "temperature": 0, "cache_prompt": False}).encode()
+        req = urllib.request.Request(base + "/completion", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=600) as r:
+            content = json.loads(r.read())["content"]
+        with urllib.request.urlopen(base + "/slots", timeout=30) as r:
+            slot = json.loads(r.read())[0]["a2sf"]
+        return content, slot
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.mark.slow
+def test_llama_server_rpc_answers_as_local(smollm2, rpc_server):
+    from test_llama_server import _server_bin
+
+    server_bin = _server_bin()
+    usage = subprocess.run([str(server_bin), "--help"], capture_output=True, text=True, timeout=60).stdout
+    if "--rpc" not in usage:
+        pytest.skip(f"{server_bin} built without GGML_RPC (bash scripts/build-rpc.sh)")
+    endpoint, proc, log = rpc_server
+    prompt = "Once upon a time, in a village near the forest, there lived a little girl who " * 4
+    local = _completion(server_bin, smollm2, [], prompt)
+    remote = _completion(server_bin, smollm2, ["--rpc", endpoint, "-ngl", "99"], prompt)
+    assert proc.poll() is None, log.read_text()[-3000:]
+    assert local[1]["evictions"] >= 3, local[1]
+    assert remote == local
