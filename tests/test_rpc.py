@@ -148,8 +148,8 @@ import numpy as np
 from a2sf import Llama
 from a2sf.bench_common import greedy
 args = json.loads(sys.argv[1])
-kw = dict(n_ctx=args["n_ctx"], n_batch=32, n_ubatch=32, n_threads=1, n_threads_batch=1, verbose=True, kv_policy="a2sf",
-          granularity=args["granularity"], n_recent=16, evict_chunk=8)
+kw = dict(n_ctx=256, n_batch=32, n_ubatch=32, n_threads=1, n_threads_batch=1, verbose=True, kv_policy="a2sf",
+          n_recent=16, evict_chunk=8, **args["settings"])
 if args["rpc"]:
     kw["rpc_servers"] = args["rpc"]
 llm = Llama(args["model"], **kw)
@@ -157,26 +157,34 @@ def cells():
     s = llm.kv_scores()
     out = {"positions": s.positions.tolist(), "token_index": s.token_index.tolist(),
            "scores": s.scores.tolist()}
-    if args["granularity"] != "token":
+    if kw.get("granularity", "token") != "token":
         pos, sc = llm.kv_head_scores()
         out["head_positions"], out["head_scores"] = np.asarray(pos).tolist(), np.asarray(sc).tolist()
     return out
-tokens = llm.tokenize(args["prompt"].encode())
-llm.eval(tokens)
+def generate(n):
+    out = []
+    for _ in range(n):
+        out.append(greedy(llm))
+        llm.eval([out[-1]])
+    return out
+llm.eval(llm.tokenize(args["prompt"].encode()))
 after_prompt = cells()
-out = []
-for _ in range(args["n_gen"]):
-    t = greedy(llm)
-    out.append(t)
-    llm.eval([t])
-print(json.dumps({"tokens": out, "prompt": after_prompt, "end": cells(), "stats": llm.kv_stats()}))
+tokens = generate(args["n_gen"])
+end = cells()
+state = llm.save_state()  # K/V and scores read back from the device
+more = generate(8)
+llm.load_state(state)     # ... and written to it
+restored = cells()
+llm.eval(more[:1])        # (the logits of the restored state are not the last token's)
+print(json.dumps({"tokens": tokens, "prompt": after_prompt, "end": end, "stats": llm.kv_stats(),
+                  "more": more, "more_after_restore": more[:1] + generate(7), "restored": restored}))
 """
 
 
-def _run(smollm2, rpc, granularity):
+def _run(smollm2, rpc, settings):
     prompt = ("The lighthouse keeper wrote in his log every evening. " * 14
               + "On the last page of the log he wrote:")
-    args = dict(model=smollm2, rpc=rpc, granularity=granularity, n_ctx=256, n_gen=256, prompt=prompt)
+    args = dict(model=smollm2, rpc=rpc, settings=settings, n_gen=256, prompt=prompt)
     r = subprocess.run(["nice", sys.executable, "-c", _RUN, json.dumps(args)], capture_output=True, text=True,
                        timeout=900, cwd=str(ROOT))
     assert r.returncode == 0, f"{'rpc' if rpc else 'local'} run failed ({r.returncode}):\n{r.stderr[-4000:]}"
@@ -201,13 +209,23 @@ def _assert_same_cells(local, remote, what):
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=f"{what}: {key}")
 
 
+# token: the K-shift of compaction; head: the move graph and the per-(layer, head) rope
+# graph; flash attention: probabilities recomputed for scoring; kv_budget: compression
+SETTINGS = {
+    "token": {},
+    "head": {"granularity": "head"},
+    "token-flash": {"flash_attn": True},
+    "layer-budget": {"granularity": "layer", "kv_budget": 96},
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("granularity", ["token", "head"])
-def test_layers_on_an_rpc_server_evict_as_on_the_cpu(smollm2, rpc_server, granularity):
+@pytest.mark.parametrize("case", list(SETTINGS))
+def test_layers_on_an_rpc_server_evict_as_on_the_cpu(smollm2, rpc_server, case):
     _require_rpc_build()
     endpoint, proc, log = rpc_server
-    local = _run(smollm2, None, granularity)
-    remote = _run(smollm2, endpoint, granularity)
+    local = _run(smollm2, None, SETTINGS[case])
+    remote = _run(smollm2, endpoint, SETTINGS[case])
     assert proc.poll() is None, log.read_text()[-3000:]
     # every layer, and the KV buffer (K, V and the scores beside them), on the rpc-server
     assert "RPC0" not in local["log"]
@@ -220,6 +238,9 @@ def test_layers_on_an_rpc_server_evict_as_on_the_cpu(smollm2, rpc_server, granul
         assert remote["stats"][key] == local["stats"][key], key
     _assert_same_cells(local["prompt"], remote["prompt"], "after the prompt")
     _assert_same_cells(local["end"], remote["end"], "after decoding")
+    # a saved state (read from the rpc-server) restores there: the same continuation
+    assert remote["more_after_restore"] == remote["more"] == local["more"]
+    _assert_same_cells(local["end"], remote["restored"], "after the restore")
 
 
 # --- llama-server --rpc -----------------------------------------------------------
@@ -242,7 +263,7 @@ def _completion(server_bin, smollm2, extra, prompt):
                 if time.time() > deadline:
                     pytest.fail("llama-server did not come up")
                 time.sleep(0.5)
-        body = json.dumps({"prompt": prompt, "n_predict": 120, "temperature": 0, "cache_prompt": False}).encode()
+        body = json.dumps({"prompt": prompt, "n_predict": 260, "temperature": 0, "cache_prompt": False}).encode()
         req = urllib.request.Request(base + "/completion", data=body, headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=600) as r:
             content = json.loads(r.read())["content"]
