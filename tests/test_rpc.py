@@ -153,6 +153,7 @@ kw = dict(n_ctx=256, n_batch=32, n_ubatch=32, n_threads=1, n_threads_batch=1, ve
 if args["rpc"]:
     kw["rpc_servers"] = args["rpc"]
 llm = Llama(args["model"], **kw)
+assert llm.__getstate__().get("rpc_servers") == args["rpc"]  # pickling keeps them
 def cells():
     s = llm.kv_scores()
     out = {"positions": s.positions.tolist(), "token_index": s.token_index.tolist(),
