@@ -194,7 +194,8 @@ def _run(smollm2, rpc, settings):
     return out
 
 
-def _require_rpc_build():
+@pytest.fixture()
+def rpc_build():
     if not rpc_supported():
         pytest.skip("a2sf built without the RPC backend (CMAKE_ARGS=\"-DGGML_RPC=ON\" bash scripts/setup.sh)")
 
@@ -222,8 +223,7 @@ SETTINGS = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(SETTINGS))
-def test_layers_on_an_rpc_server_evict_as_on_the_cpu(smollm2, rpc_server, case):
-    _require_rpc_build()
+def test_layers_on_an_rpc_server_evict_as_on_the_cpu(rpc_build, smollm2, rpc_server, case):
     endpoint, proc, log = rpc_server
     local = _run(smollm2, None, SETTINGS[case])
     remote = _run(smollm2, endpoint, SETTINGS[case])
@@ -279,18 +279,24 @@ def _completion(server_bin, smollm2, extra, prompt):
             proc.kill()
 
 
-@pytest.mark.slow
-def test_llama_server_rpc_answers_as_local(smollm2, rpc_server):
+@pytest.fixture()
+def rpc_llama_server():
+    """build/server's llama-server (A2SF_SERVER_BIN), if built with --rpc."""
     from test_llama_server import _server_bin
 
     server_bin = _server_bin()
     usage = subprocess.run([str(server_bin), "--help"], capture_output=True, text=True, timeout=60).stdout
     if "--rpc" not in usage:
         pytest.skip(f"{server_bin} built without GGML_RPC (bash scripts/build-rpc.sh)")
+    return server_bin
+
+
+@pytest.mark.slow
+def test_llama_server_rpc_answers_as_local(rpc_llama_server, smollm2, rpc_server):
     endpoint, proc, log = rpc_server
     prompt = "Once upon a time, in a village near the forest, there lived a little girl who " * 4
-    local = _completion(server_bin, smollm2, [], prompt)
-    remote = _completion(server_bin, smollm2, ["--rpc", endpoint, "-ngl", "99"], prompt)
+    local = _completion(rpc_llama_server, smollm2, [], prompt)
+    remote = _completion(rpc_llama_server, smollm2, ["--rpc", endpoint, "-ngl", "99"], prompt)
     assert proc.poll() is None, log.read_text()[-3000:]
     assert local[1]["evictions"] >= 3, local[1]
     assert remote == local
