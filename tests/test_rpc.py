@@ -18,6 +18,7 @@ under CI=true, and marked slow. They never build anything.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -32,14 +33,9 @@ import numpy as np
 import pytest
 
 from a2sf._llama.rpc import parse_rpc_servers, rpc_supported
+from test_llama_server import _free_port, _server_bin
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- checks before the model load (no rpc-server needed) ------------------------
@@ -103,41 +99,52 @@ def test_a_server_that_is_not_rpc_is_a_connection_error():
 # --- an rpc-server on loopback ----------------------------------------------------
 
 def _rpc_server_bin() -> Path:
-    env = os.environ.get("A2SF_RPC_SERVER")
-    path = Path(env) if env else ROOT / "build" / "server" / "bin" / "ggml-rpc-server"
+    path = Path(os.environ.get("A2SF_RPC_SERVER") or ROOT / "build" / "server" / "bin" / "ggml-rpc-server")
     if not path.exists():
         pytest.skip(f"{path} not built (bash scripts/build-rpc.sh)")
     return path
 
 
-@pytest.fixture()
-def rpc_server(tmp_path):
-    """An rpc-server on 127.0.0.1 (one CPU thread): its endpoint."""
-    binary = _rpc_server_bin()
-    port = _free_port()
-    log = tmp_path / "rpc-server.log"
+@contextlib.contextmanager
+def _running(args, log: Path, ready, what: str, timeout: float):
+    """Popen(args) with its output in log, once ready() holds; stopped on exit."""
     with open(log, "w") as f:
-        proc = subprocess.Popen([str(binary), "-H", "127.0.0.1", "-p", str(port), "-t", "1"],
-                                stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([str(a) for a in args], stdout=f, stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 60
-        while True:  # listening? (a bare connect: the server just sees a client that leaves)
+        deadline = time.time() + timeout
+        while not ready():
             if proc.poll() is not None:
-                pytest.fail(f"rpc-server exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.time() > deadline:
-                    pytest.fail(f"rpc-server did not come up:\n{log.read_text()[-3000:]}")
-                time.sleep(0.2)
-        yield f"127.0.0.1:{port}", proc, log
+                pytest.fail(f"{what} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+            if time.time() > deadline:
+                pytest.fail(f"{what} did not come up:\n{log.read_text()[-3000:]}")
+            time.sleep(0.3)
+        yield proc
     finally:
         proc.terminate()
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def _answers(fn) -> bool:
+    try:
+        fn()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture()
+def rpc_server(tmp_path):
+    """An rpc-server on 127.0.0.1 (one CPU thread): (endpoint, process, log)."""
+    port = _free_port()
+    log = tmp_path / "rpc-server.log"
+    # listening? (a bare connect: the server sees a client that leaves)
+    listening = lambda: _answers(lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close())  # noqa: E731
+    with _running([_rpc_server_bin(), "-H", "127.0.0.1", "-p", port, "-t", "1"], log, listening,
+                  "rpc-server", 60) as proc:
+        yield f"127.0.0.1:{port}", proc, log
 
 
 # One run of a2sf.Llama in a fresh process: greedy tokens, the kept cells and their
@@ -246,24 +253,12 @@ def test_layers_on_an_rpc_server_evict_as_on_the_cpu(rpc_build, smollm2, rpc_ser
 
 # --- llama-server --rpc -----------------------------------------------------------
 
-def _completion(server_bin, smollm2, extra, prompt):
+def _completion(server_bin, smollm2, extra, prompt, log):
     port = _free_port()
-    proc = subprocess.Popen([str(server_bin), "-m", smollm2, "-np", "1", "-c", "128", "-t", "1", "-tb", "1",
-                             "--kv-policy", "a2sf", "--host", "127.0.0.1", "--port", str(port), *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"llama-server {extra} exited {proc.returncode}:\n{proc.stderr.read()[-3000:]}")
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2):
-                    break
-            except OSError:
-                if time.time() > deadline:
-                    pytest.fail("llama-server did not come up")
-                time.sleep(0.5)
+    healthy = lambda: _answers(lambda: urllib.request.urlopen(base + "/health", timeout=2).close())  # noqa: E731
+    with _running([server_bin, "-m", smollm2, "-np", 1, "-c", 128, "-t", 1, "-tb", 1, "--kv-policy", "a2sf",
+                   "--host", "127.0.0.1", "--port", port, *extra], log, healthy, f"llama-server {extra}", 180):
         body = json.dumps({"prompt": prompt, "n_predict": 260, "temperature": 0, "cache_prompt": False}).encode()
         req = urllib.request.Request(base + "/completion", data=body, headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=600) as r:
@@ -271,19 +266,11 @@ def _completion(server_bin, smollm2, extra, prompt):
         with urllib.request.urlopen(base + "/slots", timeout=30) as r:
             slot = json.loads(r.read())[0]["a2sf"]
         return content, slot
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture()
 def rpc_llama_server():
     """build/server's llama-server (A2SF_SERVER_BIN), if built with --rpc."""
-    from test_llama_server import _server_bin
-
     server_bin = _server_bin()
     usage = subprocess.run([str(server_bin), "--help"], capture_output=True, text=True, timeout=60).stdout
     if "--rpc" not in usage:
@@ -292,11 +279,11 @@ def rpc_llama_server():
 
 
 @pytest.mark.slow
-def test_llama_server_rpc_answers_as_local(rpc_llama_server, smollm2, rpc_server):
+def test_llama_server_rpc_answers_as_local(rpc_llama_server, smollm2, rpc_server, tmp_path):
     endpoint, proc, log = rpc_server
     prompt = "Once upon a time, in a village near the forest, there lived a little girl who " * 4
-    local = _completion(rpc_llama_server, smollm2, [], prompt)
-    remote = _completion(rpc_llama_server, smollm2, ["--rpc", endpoint, "-ngl", "99"], prompt)
+    local = _completion(rpc_llama_server, smollm2, [], prompt, tmp_path / "local.log")
+    remote = _completion(rpc_llama_server, smollm2, ["--rpc", endpoint, "-ngl", "99"], prompt, tmp_path / "rpc.log")
     assert proc.poll() is None, log.read_text()[-3000:]
     assert local[1]["evictions"] >= 3, local[1]
     assert remote == local
