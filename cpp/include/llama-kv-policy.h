@@ -166,6 +166,16 @@ LLAMA_API const char * llama_kv_policy_state_error(void);
 // tokens m than the global cache's n, the positions are m-n..m-1 and m is returned.
 LLAMA_API int32_t llama_kv_policy_compact(struct llama_context * ctx, llama_seq_id seq_id);
 
+// Register the devices of the ggml RPC server at endpoint ("host:port", as llama-server's
+// --rpc takes one; rpc-server / ggml-rpc-server on that host), so that a following model
+// load with n_gpu_layers > 0 offloads layers to them, with their K/V and scores. The
+// registration is process-wide and lasts until exit; an endpoint registered before adds
+// nothing. Returns the server's number of devices, ERR_ARG for an empty endpoint or one
+// with a comma, ERR_STATE when libllama was built without GGML_RPC. The server must be
+// reachable: ggml's RPC client aborts when it cannot connect or the protocol differs
+// (python/a2sf/_llama/rpc.py checks both first).
+LLAMA_API int32_t llama_kv_policy_rpc_add_server(const char * endpoint);
+
 #ifdef __cplusplus
 }
 #endif

@@ -53,6 +53,7 @@ from ._llama.budget import PromptCompression
 from ._llama.compaction import PositionCompaction, resolve_positions
 from ._llama.positions import PositionLimit
 from ._llama.prefix import PrefixReuse
+from ._llama.rpc import add_rpc_servers
 from .gguf_header import diagnose_model_file
 from .policies import SETTINGS, SETTINGS_BY_NAME, KVPolicy, PolicyKind, make_policy, policy_from_settings
 
@@ -103,6 +104,10 @@ class Llama(InputGuards, PositionLimit, PositionCompaction, PrefixReuse, PromptC
             keep the policy's value); e.g. ``kv_seed`` sets the field ``seed``,
             ``max_positions`` is the longest sequence the completion API runs
             to with a policy (default: the model's training context).
+        rpc_servers: ``"host:port[,host:port...]"`` (as llama-server's ``--rpc``) or a
+            list: offload layers (default: all, ``n_gpu_layers=-1``) to these
+            rpc-servers (a build with ``-DGGML_RPC=ON``; :mod:`a2sf._llama.rpc`,
+            docs/DEPLOY.md).
 
     The parts (checks, growth past n_ctx, prefix reuse, learned positions) are
     in :mod:`a2sf._llama`; this class wires the policy to the engine.
@@ -111,7 +116,10 @@ class Llama(InputGuards, PositionLimit, PositionCompaction, PrefixReuse, PromptC
     #: the Python-only settings given (e.g. {"max_positions": 4096}), for pickling
     _a2sf_settings: Dict[str, Any] = {}
 
-    def __init__(self, model_path: str, *, kv_policy: Any = None, **kwargs: Any):
+    #: the rpc_servers given (endpoints), for pickling
+    _a2sf_rpc_servers: Optional[list] = None
+
+    def __init__(self, model_path: str, *, kv_policy: Any = None, rpc_servers: Any = None, **kwargs: Any):
         # the policy settings (rows of a2sf.policies.SETTINGS) from the rest
         settings = {k: kwargs.pop(k) for k in list(kwargs) if k in SETTINGS_BY_NAME}
         if isinstance(model_path, os.PathLike):
@@ -122,6 +130,10 @@ class Llama(InputGuards, PositionLimit, PositionCompaction, PrefixReuse, PromptC
                 f"{type(model_path).__name__} ({model_path!r})"
             )
         policy, extras = policy_from_settings(kv_policy, **settings)
+        if rpc_servers is not None:
+            # before the model load: llama.cpp places layers on the devices registered then
+            self._a2sf_rpc_servers = add_rpc_servers(rpc_servers)
+            kwargs.setdefault("n_gpu_layers", -1)  # all layers, unless told otherwise
         self._kv_policy = policy
         if not self.a2sf_active:
             self._a2sf_load(model_path, kwargs)
@@ -174,7 +186,9 @@ class Llama(InputGuards, PositionLimit, PositionCompaction, PrefixReuse, PromptC
     __init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
         [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
          inspect.Parameter("model_path", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str),
-         inspect.Parameter("kv_policy", inspect.Parameter.KEYWORD_ONLY, default=None)]
+         inspect.Parameter("kv_policy", inspect.Parameter.KEYWORD_ONLY, default=None),
+         inspect.Parameter("rpc_servers", inspect.Parameter.KEYWORD_ONLY, default=None,
+                           annotation=Optional[str])]
         + [inspect.Parameter(s.name, inspect.Parameter.KEYWORD_ONLY, default=None,
                              annotation=Optional[s.type]) for s in SETTINGS]
         + [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
@@ -311,4 +325,6 @@ class Llama(InputGuards, PositionLimit, PositionCompaction, PrefixReuse, PromptC
         if self._kv_policy is not None:
             state["kv_policy"] = self._kv_policy
             state.update(self._a2sf_settings)
+        if self._a2sf_rpc_servers is not None:
+            state["rpc_servers"] = ",".join(self._a2sf_rpc_servers)
         return state
