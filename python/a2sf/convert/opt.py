@@ -27,7 +27,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
-from ..gguf_write import add_weight, finish
+from ..gguf_write import add_file_type, add_weight, finish, open_writer
 
 __all__ = ["ConversionError", "OPTConfig", "read_opt_config", "convert_opt", "OUTTYPES",
            "GGUF_ARCH", "LAYER_NORM_EPS"]
@@ -332,8 +332,6 @@ def convert_opt(hf_dir: PathLike, out_path: PathLike, *, outtype: str = "f32") -
     (rows not a multiple of 32 fall back to f16 under q8_0); LayerNorm weights
     and biases always stay f32. Returns the written path.
     """
-    import gguf
-
     outtype = str(outtype).lower()
     if outtype not in OUTTYPES:
         raise ConversionError(f"outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
@@ -346,25 +344,15 @@ def convert_opt(hf_dir: PathLike, out_path: PathLike, *, outtype: str = "f32") -
     out = Path(out_path)
     if out.is_dir():
         raise ConversionError(f"{out}: is a directory, give a file name")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-
-    w = gguf.GGUFWriter(str(tmp), GGUF_ARCH)
-    w.add_name(d.resolve().name)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.ffn_dim)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_attention_heads)
+    w, tmp = open_writer(out, GGUF_ARCH, d.resolve().name,
+                         n_ctx_train=cfg.max_position_embeddings, n_embd=cfg.hidden_size,
+                         n_layer=cfg.num_hidden_layers, n_ff=cfg.ffn_dim,
+                         n_head=cfg.num_attention_heads, n_head_kv=cfg.num_attention_heads)
     w.add_layer_norm_eps(LAYER_NORM_EPS)
     w.add_bool(f"{GGUF_ARCH}.layer_norm_before", cfg.do_layer_norm_before)
     w.add_uint32(f"{GGUF_ARCH}.word_embed_proj_dim", cfg.word_embed_proj_dim)
     w.add_vocab_size(cfg.vocab_size)
-    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
-    w.add_file_type(int(ftype))
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    add_file_type(w, outtype)
 
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt-2")

@@ -22,8 +22,8 @@ from typing import Dict, Union
 
 import numpy as np
 
-from ..gguf_write import add_weight, finish
-from .tiny_gguf import add_tiny_tokenizer, tiny_vocab
+from ..gguf_write import open_writer
+from .tiny_gguf import finish_tiny, tiny_vocab
 
 __all__ = ["write_tiny_gemma3", "tiny_gemma3_weights"]
 
@@ -93,8 +93,6 @@ def write_tiny_gemma3(
     (llama.cpp's ``set_swa_pattern``); with the defaults layers 0..2 are, layer 3
     is global. The file's content depends only on the arguments.
     """
-    import gguf
-
     if n_embd % n_head or n_head % n_head_kv:
         raise ValueError("n_embd must divide by n_head and n_head by n_head_kv")
     if sliding_window < 1 or swa_pattern < 1:
@@ -102,21 +100,14 @@ def write_tiny_gemma3(
     if not any(il % swa_pattern == swa_pattern - 1 for il in range(n_layer)):
         raise ValueError("no global layer: swa_pattern must be <= n_layer")
 
-    tokens, scores, types = tiny_vocab()
-    weights = tiny_gemma3_weights(n_layer, n_embd, n_head, n_head_kv, n_ff, len(tokens), seed)
+    vocab = tiny_vocab()
+    weights = tiny_gemma3_weights(n_layer, n_embd, n_head, n_head_kv, n_ff, len(vocab[0]), seed)
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     arch = "gemma3"
-    w = gguf.GGUFWriter(str(tmp), arch)
-    w.add_name(f"a2sf-tiny-gemma3-s{seed}")
-    w.add_context_length(n_ctx_train)
-    w.add_embedding_length(n_embd)
-    w.add_block_count(n_layer)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
+    w, tmp = open_writer(path, arch, f"a2sf-tiny-gemma3-s{seed}", n_ctx_train=n_ctx_train,
+                         n_embd=n_embd, n_layer=n_layer, n_ff=n_ff, n_head=n_head,
+                         n_head_kv=n_head_kv)
     w.add_key_length(n_embd // n_head)
     w.add_value_length(n_embd // n_head)
     w.add_rope_freq_base(rope_freq_base)
@@ -124,16 +115,7 @@ def write_tiny_gemma3(
     w.add_layer_norm_rms_eps(rms_eps)
     w.add_sliding_window(sliding_window)
     w.add_uint32(f"{arch}.attention.sliding_window_pattern", swa_pattern)
-    w.add_vocab_size(len(tokens))
-    w.add_file_type(int(gguf.LlamaFileType.ALL_F32))
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-
-    add_tiny_tokenizer(w, tokens, scores, types)
-
-    for name, arr in weights.items():
-        add_weight(w, name, arr, "f32")
-
-    return finish(w, tmp, path)
+    return finish_tiny(w, tmp, path, vocab, weights, "f32")
 
 
 if __name__ == "__main__":  # pragma: no cover

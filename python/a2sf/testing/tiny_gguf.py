@@ -21,9 +21,9 @@ from typing import Dict, List, Tuple, Union
 
 import numpy as np
 
-from ..gguf_write import add_weight, finish
+from ..gguf_write import add_file_type, add_weight, finish, open_writer
 
-__all__ = ["TinyConfig", "config_of", "tiny_vocab", "tiny_weights", "write_tiny_llama", "add_tiny_tokenizer"]
+__all__ = ["TinyConfig", "config_of", "tiny_vocab", "tiny_weights", "write_tiny_llama", "finish_tiny"]
 
 # SentencePiece word-boundary marker
 _SPACE = "\u2581"
@@ -109,8 +109,17 @@ def tiny_weights(cfg: TinyConfig, n_vocab: int) -> Dict[str, np.ndarray]:
     return w
 
 
-def add_tiny_tokenizer(w, tokens, scores, types) -> None:
-    """The tiny SentencePiece-style vocabulary (:func:`tiny_vocab`) into a GGUF writer."""
+def finish_tiny(w, tmp: Path, path: Path, vocab, weights: Dict[str, np.ndarray],
+                outtype: str) -> Path:
+    """Add the tiny SentencePiece-style vocabulary (``vocab``: :func:`tiny_vocab`),
+    the file type and ``weights`` (2-D ones as ``outtype``) to a writer from
+    :func:`a2sf.gguf_write.open_writer`, then write it to ``path``.
+
+    The end of every tiny writer: what follows the architecture's own keys.
+    """
+    tokens, scores, types = vocab
+    w.add_vocab_size(len(tokens))
+    add_file_type(w, outtype)
     w.add_tokenizer_model("llama")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
@@ -122,6 +131,9 @@ def add_tiny_tokenizer(w, tokens, scores, types) -> None:
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
     w.add_add_space_prefix(True)
+    for name, arr in weights.items():
+        add_weight(w, name, arr, outtype)
+    return finish(w, tmp, path)
 
 
 def write_tiny_llama(
@@ -144,8 +156,6 @@ def write_tiny_llama(
     reference) or ``"Q8_0"`` (2-D weights quantized, norms f32). The file's
     content depends only on the arguments.
     """
-    import gguf
-
     qtype = qtype.upper()
     if qtype not in ("F32", "Q8_0", "F16"):
         raise ValueError(f"qtype must be F32, F16 or Q8_0, got {qtype!r}")
@@ -156,36 +166,17 @@ def write_tiny_llama(
     if qtype == "Q8_0" and (n_embd % 32 or n_ff % 32):
         raise ValueError("Q8_0 needs n_embd and n_ff multiples of 32")
 
-    tokens, scores, types = tiny_vocab()
-    weights = tiny_weights(cfg, len(tokens))
+    vocab = tiny_vocab()
+    weights = tiny_weights(cfg, len(vocab[0]))
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    arch = "llama"
-    w = gguf.GGUFWriter(str(tmp), arch)
-    w.add_name(f"a2sf-tiny-llama-{qtype.lower()}-s{seed}")
-    w.add_context_length(n_ctx_train)
-    w.add_embedding_length(n_embd)
-    w.add_block_count(n_layer)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
+    w, tmp = open_writer(path, "llama", f"a2sf-tiny-llama-{qtype.lower()}-s{seed}",
+                         n_ctx_train=n_ctx_train, n_embd=n_embd, n_layer=n_layer, n_ff=n_ff,
+                         n_head=n_head, n_head_kv=n_head_kv)
     w.add_rope_dimension_count(cfg.head_dim)
     w.add_rope_freq_base(rope_freq_base)
     w.add_layer_norm_rms_eps(rms_eps)
-    w.add_vocab_size(len(tokens))
-    ftype = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
-             "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype]
-    w.add_file_type(int(ftype))
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-
-    add_tiny_tokenizer(w, tokens, scores, types)
-
-    for name, arr in weights.items():
-        add_weight(w, name, arr, qtype.lower())
-
-    return finish(w, tmp, path)
+    return finish_tiny(w, tmp, path, vocab, weights, qtype.lower())
 
 
 def config_of(path: Union[str, os.PathLike]) -> TinyConfig:
