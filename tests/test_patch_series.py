@@ -34,6 +34,12 @@ def test_every_patch_has_a_body_that_says_why(patch):
     assert len(" ".join(body)) >= 200, patch.name
 
 
+def test_every_patch_has_the_project_author():
+    """make-checkout.sh's identity, whoever edited the checkout (regen writes the authors)."""
+    authors = {p.name: p.read_text().splitlines()[1] for p in PATCHES}
+    assert set(authors.values()) == {"From: a2sf <a2sf@localhost>"}, authors
+
+
 def _repo(tmp_path, name="checkout"):
     """A pristine tree (one file) committed as the first commit, plus one patch commit with a body."""
     co = tmp_path / name
@@ -101,15 +107,34 @@ def test_plain_tree_failure_prints_the_steps(tmp_path):
         assert step in r.stderr, step
 
 
+def _make_checkout(tmp_path, patches, pristine_a_cpp: str, check=False):
+    """make-checkout.sh of ``patches`` onto a tree whose a.cpp reads ``pristine_a_cpp``,
+    into tmp_path/edit. make-checkout reads the llama.cpp commit from the tree; a tree
+    without one says "unknown"."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.cpp").write_text(pristine_a_cpp)
+    return subprocess.run(["bash", str(SCRIPTS / "make-checkout.sh"), str(tmp_path / "edit"), "--src", str(src),
+                           "--patches", str(patches)], check=check, capture_output=True, text=True)
+
+
 @pytest.mark.skipif(shutil.which("git") is None, reason="git")
 def test_make_checkout_stops_with_the_steps(tmp_path):
     co, patches = _series(tmp_path)
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "a.cpp").write_text((co / "a.cpp").read_text().replace("return hook(5);", "return 55;"))
-    # make-checkout reads the llama.cpp commit from the tree; a tree without one says "unknown"
-    r = subprocess.run(["bash", str(SCRIPTS / "make-checkout.sh"), str(tmp_path / "edit"), "--src", str(src),
-                        "--patches", str(patches)], capture_output=True, text=True)
+    r = _make_checkout(tmp_path, patches, (co / "a.cpp").read_text().replace("return hook(5);", "return 55;"))
     assert r.returncode == 1, r.stdout + r.stderr
     for step in ("resolve:", "git am --continue", "regen-patches.sh"):
         assert step in r.stderr, step
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git")
+def test_make_checkout_commits_carry_the_project_author(tmp_path):
+    co, patches = _series(tmp_path)
+    _make_checkout(tmp_path, patches, _git(co, "show", "HEAD~1:a.cpp"), check=True)  # the pristine tree
+    edit = tmp_path / "edit"
+    # a commit made in the checkout later, without -c user.*: the checkout's own identity
+    (edit / "a.cpp").write_text((edit / "a.cpp").read_text() + "int g() { return 0; }\n")
+    subprocess.run(["git", "commit", "-q", "-am", "a2sf: another hook"], cwd=edit, check=True)
+    log = subprocess.run(["git", "log", "--format=%an <%ae>"], cwd=edit, check=True,
+                         capture_output=True, text=True).stdout.splitlines()
+    assert log[0] == "a2sf <a2sf@localhost>"

@@ -41,6 +41,10 @@ dest="$(cd "$dest" && pwd)"
 
 g() { git -C "$dest" -c user.name="a2sf" -c user.email="a2sf@localhost" -c core.autocrlf=false "$@"; }
 g init -q
+# Commits made here later (an edited patch, a new one) carry the project's identity,
+# not whoever edits: regen-patches.sh writes each commit's author into its patch.
+g config user.name a2sf
+g config user.email a2sf@localhost
 g add -A -f .
 g commit -q -m "llama.cpp ${commit} (pristine)"
 g tag a2sf-base
