@@ -67,6 +67,11 @@ class ReferenceLlama:
         self.eps = float(_field(r, "llama.attention.layer_norm_rms_epsilon", 1e-5))
         self._read_tensors(r, quantize_activations)
 
+    @property
+    def scored_layers(self) -> List[int]:
+        """The layers whose cells the engine scores (every layer of a LLaMA)."""
+        return list(range(self.n_layer))
+
     def _read_tensors(self, r, quantize_activations: bool) -> None:
         """Every tensor of the GGUF reader ``r``, dequantized to float64 (numpy layout)."""
         from gguf.quants import dequantize
@@ -110,15 +115,36 @@ class ReferenceLlama:
         out[..., 1:d:2] = x0 * sin + x1 * cos
         return out
 
-    def _qkv(self, x: np.ndarray, il: int, pos: np.ndarray):
-        """Layer il's RoPE'd queries [T, H, hd], keys and values [T, Hkv, hd] of hidden states x."""
+    # -- one layer; the forward pass is the same for every architecture, which
+    #    overrides these steps (see reference_gemma3) ------------------------
+    def _embed(self, tok: np.ndarray) -> np.ndarray:
+        """The hidden states [T, n_embd] the first layer reads."""
+        return self.w["token_embd.weight"][tok]
+
+    def _project_qkv(self, x: np.ndarray, il: int):
+        """Layer il's queries [T, H, hd], keys and values [T, Hkv, hd] of hidden
+        states x, before RoPE: the attention norm and the three projections."""
         p = f"blk.{il}."
         T, H, Hkv, hd = x.shape[0], self.n_head, self.n_head_kv, self.head_dim
         h = self._rms(x, self.w[p + "attn_norm.weight"])
         q = self._mm(h, p + "attn_q.weight").reshape(T, H, hd)
         k = self._mm(h, p + "attn_k.weight").reshape(T, Hkv, hd)
         v = self._mm(h, p + "attn_v.weight").reshape(T, Hkv, hd)
+        return q, k, v
+
+    def _qkv(self, x: np.ndarray, il: int, pos: np.ndarray):
+        """Layer il's RoPE'd queries [T, H, hd], keys and values [T, Hkv, hd] of hidden states x."""
+        q, k, v = self._project_qkv(x, il)
         return self._rope(q, pos), self._rope(k, pos), v
+
+    @property
+    def _kq_scale(self) -> float:
+        """The softmax scale of ``q . k``."""
+        return 1.0 / np.sqrt(self.head_dim)
+
+    def _layer_mask(self, masked: np.ndarray, il: int, pos: np.ndarray) -> np.ndarray:
+        """What layer il may not see, given the causal (and ``visible``) mask."""
+        return masked
 
     def _block_out(self, x: np.ndarray, o: np.ndarray, il: int) -> np.ndarray:
         """The rest of layer il after attention: output projection, residual, SwiGLU FFN."""
@@ -129,6 +155,29 @@ class ReferenceLlama:
         u = self._mm(h, p + "ffn_up.weight")
         return x + self._mm((g / (1.0 + np.exp(-g))) * u, p + "ffn_down.weight")
 
+    def _attend(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, masked: np.ndarray,
+                scale: float):
+        """Softmax attention of queries ``q`` [T, H, hd] over keys ``k`` and values
+        ``v`` [T, Hkv, hd] (GQA: query head h reads KV head h // (H / Hkv)).
+
+        ``masked`` [T, T] (every head) or [H, T, T] (per query head): True where a
+        query may not see a key. Returns the probabilities [H, T, T] and the
+        attention output [T, H * hd].
+        """
+        T, H, hd = q.shape
+        group = H // k.shape[1]
+        kk = np.repeat(k, group, axis=1)  # [T, H, hd]: head h reads kv head h // group
+        vv = np.repeat(v, group, axis=1)
+        att = np.einsum("qhd,khd->hqk", q, kk) * scale
+        if masked.ndim == 2:
+            att[:, masked] = -np.inf
+        else:
+            att[masked] = -np.inf
+        att -= att.max(axis=-1, keepdims=True)
+        e = np.exp(att)  # a query always sees itself: no all-masked row
+        pr = e / e.sum(axis=-1, keepdims=True)
+        return pr, np.einsum("hqk,khd->qhd", pr, vv).reshape(T, H * hd)
+
     def forward(
         self,
         tokens: Sequence[int],
@@ -138,7 +187,7 @@ class ReferenceLlama:
         """Forward pass of one sequence (positions default to 0..T-1).
 
         ``visible`` [T, T] bool, optional: which keys each query may attend to,
-        on top of the causal mask; e.g. ``visible[q, k] = False`` for every query
+        on top of the causal mask (and the window of sliding-window layers); e.g. ``visible[q, k] = False`` for every query
         after the cell of token k was evicted. ``visible`` [n_layer, n_head_kv, T, T]
         gives each (layer, KV head) its own (eviction per layer / head); query head
         h uses its KV head's.
@@ -146,9 +195,8 @@ class ReferenceLlama:
         tok = np.asarray(tokens, dtype=np.int64)
         T = len(tok)
         pos = np.arange(T) if positions is None else np.asarray(positions, dtype=np.int64)
-        H, Hkv, hd = self.n_head, self.n_head_kv, self.head_dim
+        H, Hkv = self.n_head, self.n_head_kv
         group = H // Hkv
-        scale = 1.0 / np.sqrt(hd)
         mask = np.triu(np.ones((T, T), dtype=bool), k=1)  # key > query
         head_mask = None
         if visible is not None:
@@ -158,28 +206,20 @@ class ReferenceLlama:
             else:  # [L, Hkv, T, T] -> per layer [H, T, T]
                 head_mask = mask[None, None] | ~visible
 
-        x = self.w["token_embd.weight"][tok]
+        x = self._embed(tok)
         probs = np.zeros((self.n_layer, H, T, T))
         v_l1 = np.zeros((self.n_layer, Hkv, T))
         for il in range(self.n_layer):
             q, k, v = self._qkv(x, il, pos)
             v_l1[il] = np.abs(v).sum(axis=-1).T
-            kk = np.repeat(k, group, axis=1)  # [T, H, hd]: head h reads kv head h // group
-            vv = np.repeat(v, group, axis=1)
-            att = np.einsum("qhd,khd->hqk", q, kk) * scale
-            if head_mask is None:
-                att[:, mask] = -np.inf
-            else:
-                att[np.repeat(head_mask[il], group, axis=0)] = -np.inf
-            att -= att.max(axis=-1, keepdims=True)
-            e = np.exp(att)  # a query always sees itself: no all-masked row
-            pr = e / e.sum(axis=-1, keepdims=True)
-            probs[il] = pr
-            o = np.einsum("hqk,khd->qhd", pr, vv).reshape(T, H * hd)
+            masked = mask if head_mask is None else np.repeat(head_mask[il], group, axis=0)
+            probs[il], o = self._attend(q, k, v, self._layer_mask(masked, il, pos), self._kq_scale)
             x = self._block_out(x, o, il)
-        x = self._rms(x, self.w["output_norm.weight"])
-        logits = self._mm(x, "output.weight")
-        return ForwardResult(logits=logits, probs=probs, v_l1=v_l1)
+        return ForwardResult(logits=self._logits(x), probs=probs, v_l1=v_l1)
+
+    def _logits(self, x: np.ndarray) -> np.ndarray:
+        """The logits [T, n_vocab] of the last layer's hidden states."""
+        return self._mm(self._rms(x, self.w["output_norm.weight"]), "output.weight")
 
     def scores(
         self,
@@ -188,9 +228,11 @@ class ReferenceLlama:
         forgetting_factor: float,
         value_aware: bool = False,
     ) -> np.ndarray:
-        """Engine scores [n_layer, T] after feeding ``tokens`` in the given ubatch sizes."""
+        """Engine scores [len(scored_layers), T] after feeding ``tokens`` in the given
+        ubatch sizes."""
         fr = self.forward(tokens)
-        return accumulate_scores(fr.probs, fr.v_l1, ubatches, forgetting_factor, value_aware)
+        g = self.scored_layers
+        return accumulate_scores(fr.probs[g], fr.v_l1[g], ubatches, forgetting_factor, value_aware)
 
 
 def ubatch_sizes(n_prompt: int, n_ubatch: int, n_decode: int = 0) -> List[int]:

@@ -52,9 +52,9 @@ class UnitCachedReference:
         n = len(tok)
         H, Hkv, hd = r.n_head, r.n_head_kv, r.head_dim
         group = H // Hkv
-        scale = 1.0 / np.sqrt(hd)
+        scale = r._kq_scale
         idx = self.n_seen + np.arange(n)
-        x = r.w["token_embd.weight"][tok]
+        x = r._embed(tok)
         for il in range(r.n_layer):
             q, k, v = r._qkv(x, il, qpos)
             o = np.zeros((n, H, hd))
@@ -73,8 +73,7 @@ class UnitCachedReference:
                     o[:, hq] = (e / e.sum(axis=-1, keepdims=True)) @ self.v[il][hk]
             x = r._block_out(x, o.reshape(n, H * hd), il)
         self.n_seen += n
-        x = r._rms(x, r.w["output_norm.weight"])
-        return r._mm(x, "output.weight")
+        return r._logits(x)
 
     def keep(self, il: int, hk: int, token_indices: Sequence[int]) -> None:
         sel = np.isin(self.tok[il][hk], np.asarray(token_indices, dtype=np.int64))

@@ -26,11 +26,11 @@ a2sf scores only the global layers (:attr:`ReferenceGemma3.global_layers`).
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence, Union
+from typing import List, Union
 
 import numpy as np
 
-from .reference import ForwardResult, ReferenceLlama, _field, accumulate_scores
+from .reference import ReferenceLlama, _field
 
 __all__ = ["ReferenceGemma3", "gelu_ggml"]
 
@@ -75,6 +75,11 @@ class ReferenceGemma3(ReferenceLlama):
         """The layers in llama.cpp's base (non-SWA) cache: the ones a2sf scores."""
         return [il for il in range(self.n_layer) if not self.is_swa[il]]
 
+    @property
+    def scored_layers(self) -> List[int]:
+        """The global layers only (:attr:`global_layers`)."""
+        return self.global_layers
+
     def _rope_neox(self, x: np.ndarray, pos: np.ndarray, base: float) -> np.ndarray:
         """x: [T, heads, head_dim]; llama.cpp LLAMA_ROPE_TYPE_NEOX (halves rotated together)."""
         d = self.n_rot
@@ -88,71 +93,45 @@ class ReferenceGemma3(ReferenceLlama):
         out[..., half:d] = x0 * sin + x1 * cos
         return out
 
-    def forward(
-        self,
-        tokens: Sequence[int],
-        positions: Optional[Sequence[int]] = None,
-        visible: Optional[np.ndarray] = None,
-    ) -> ForwardResult:
-        """Forward pass of one sequence; ``visible`` [T, T] (optional) masks keys on
-        top of the causal and window masks, for every layer (see ReferenceLlama)."""
-        tok = np.asarray(tokens, dtype=np.int64)
-        T = len(tok)
-        pos = np.arange(T) if positions is None else np.asarray(positions, dtype=np.int64)
-        H, Hkv, hd = self.n_head, self.n_head_kv, self.head_dim
-        group = H // Hkv
-        causal = np.triu(np.ones((T, T), dtype=bool), k=1)  # key > query
-        if visible is not None:
-            causal = causal | ~np.asarray(visible, dtype=bool)
-        window = (pos[:, None] - pos[None, :]) >= max(self.n_swa, 1)  # [query, key]
+    def _embed(self, tok: np.ndarray) -> np.ndarray:
+        # Gemma scales the embeddings by sqrt(n_embd), rounded to f32 as llama.cpp's graph does
+        return self.w["token_embd.weight"][tok] * np.float64(np.float32(np.sqrt(self.n_embd)))
 
-        x = self.w["token_embd.weight"][tok] * np.float64(np.float32(np.sqrt(self.n_embd)))
-        probs = np.zeros((self.n_layer, H, T, T))
-        v_l1 = np.zeros((self.n_layer, Hkv, T))
-        for il in range(self.n_layer):
-            p = f"blk.{il}."
-            swa = self.is_swa[il]
-            h = self._rms(x, self.w[p + "attn_norm.weight"])
-            q = self._mm(h, p + "attn_q.weight").reshape(T, H, hd)
-            k = self._mm(h, p + "attn_k.weight").reshape(T, Hkv, hd)
-            v = self._mm(h, p + "attn_v.weight").reshape(T, Hkv, hd)
-            q = self._rms(q, self.w[p + "attn_q_norm.weight"])
-            k = self._rms(k, self.w[p + "attn_k_norm.weight"])
-            base = self.rope_base_swa if swa else self.rope_base
-            q, k = self._rope_neox(q, pos, base), self._rope_neox(k, pos, base)
-            q = q / np.sqrt(hd)
-            v_l1[il] = np.abs(v).sum(axis=-1).T
-            kk = np.repeat(k, group, axis=1)
-            vv = np.repeat(v, group, axis=1)
-            att = np.einsum("qhd,khd->hqk", q, kk)
-            att[:, causal | window if swa else causal] = -np.inf
-            att -= att.max(axis=-1, keepdims=True)
-            e = np.exp(att)
-            pr = e / e.sum(axis=-1, keepdims=True)
-            probs[il] = pr
-            o = np.einsum("hqk,khd->qhd", pr, vv).reshape(T, H * hd)
-            o = self._rms(self._mm(o, p + "attn_output.weight"), self.w[p + "post_attention_norm.weight"])
-            x = x + o
-            h = self._rms(x, self.w[p + "ffn_norm.weight"])
-            g = self._mm(h, p + "ffn_gate.weight")
-            u = self._mm(h, p + "ffn_up.weight")
-            f = self._mm(gelu_ggml(g) * u, p + "ffn_down.weight")
-            x = x + self._rms(f, self.w[p + "post_ffw_norm.weight"])
-        x = self._rms(x, self.w["output_norm.weight"])
-        logits = self._mm(x, "output.weight")
+    def _qkv(self, x: np.ndarray, il: int, pos: np.ndarray):
+        """Layer il's queries (RMS-normalised per head, NEOX RoPE, scaled by
+        1/sqrt(head_dim)), keys (normalised, RoPE) and values."""
+        p = f"blk.{il}."
+        q, k, v = self._project_qkv(x, il)
+        q = self._rms(q, self.w[p + "attn_q_norm.weight"])
+        k = self._rms(k, self.w[p + "attn_k_norm.weight"])
+        base = self.rope_base_swa if self.is_swa[il] else self.rope_base
+        q, k = self._rope_neox(q, pos, base), self._rope_neox(k, pos, base)
+        return q / np.sqrt(self.head_dim), k, v
+
+    @property
+    def _kq_scale(self) -> float:
+        # Q is already scaled in _qkv (llama.cpp's Gemma 3 graph: softmax scale 1)
+        return 1.0
+
+    def _layer_mask(self, masked: np.ndarray, il: int, pos: np.ndarray) -> np.ndarray:
+        """Sliding-window layers also hide the keys ``pos_q - pos_k >= n_swa`` back."""
+        if not self.is_swa[il]:
+            return masked
+        return masked | ((pos[:, None] - pos[None, :]) >= max(self.n_swa, 1))  # [query, key]
+
+    def _block_out(self, x: np.ndarray, o: np.ndarray, il: int) -> np.ndarray:
+        """Output projection and GELU FFN, each RMS-normalised before its residual."""
+        p = f"blk.{il}."
+        o = self._rms(self._mm(o, p + "attn_output.weight"), self.w[p + "post_attention_norm.weight"])
+        x = x + o
+        h = self._rms(x, self.w[p + "ffn_norm.weight"])
+        g = self._mm(h, p + "ffn_gate.weight")
+        u = self._mm(h, p + "ffn_up.weight")
+        f = self._mm(gelu_ggml(g) * u, p + "ffn_down.weight")
+        return x + self._rms(f, self.w[p + "post_ffw_norm.weight"])
+
+    def _logits(self, x: np.ndarray) -> np.ndarray:
+        logits = super()._logits(x)
         if self.softcap:
             logits = np.tanh(logits / self.softcap) * self.softcap
-        return ForwardResult(logits=logits, probs=probs, v_l1=v_l1)
-
-    def scores(
-        self,
-        tokens: Sequence[int],
-        ubatches: Sequence[int],
-        forgetting_factor: float,
-        value_aware: bool = False,
-    ) -> np.ndarray:
-        """Engine scores [n_global_layers, T] (the global layers only) after feeding
-        ``tokens`` in the given ubatch sizes."""
-        fr = self.forward(tokens)
-        g = self.global_layers
-        return accumulate_scores(fr.probs[g], fr.v_l1[g], ubatches, forgetting_factor, value_aware)
+        return logits
