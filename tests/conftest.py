@@ -35,6 +35,51 @@ def _core_import_error():
 
 _CORE_ERROR = _core_import_error()
 
+# A story prompt: a small model keeps writing text after it, far past n_ctx.
+STORY_PROMPT = ("Write a long story about a lighthouse keeper who finds a message in a bottle. "
+                "Describe the sea, the weather and every visitor in detail.")
+
+
+def generate_past_n_ctx(llm, policy, n_new, check_every, check):
+    """Sample ``n_new`` tokens after :data:`STORY_PROMPT` (temperature 0.8, top-k 40,
+    top-p 0.95, repeat penalty 1.1), calling ``check()`` after every
+    ``check_every``-th token and after the last; return the tokens.
+
+    Then assert what every policy must give once the text is far past n_ctx: it
+    evicted, ``cells_evicted`` counts the tokens no longer in a cell, and the last
+    200 tokens are text rather than one token repeated.
+    """
+    prompt = llm.tokenize(STORY_PROMPT.encode())
+    out = []
+    for i, tok in enumerate(llm.generate(prompt, temp=0.8, top_k=40, top_p=0.95,
+                                         repeat_penalty=1.1)):
+        out.append(tok)
+        if i % check_every == 0 or len(out) >= n_new:
+            check()
+        if len(out) >= n_new:
+            break
+    assert len(out) == n_new
+    stats = llm.kv_stats()
+    assert stats["evictions"] > 0
+    assert stats["cells_evicted"] == llm.n_tokens - llm.kv_n_cells()
+    tail = out[-200:]
+    text = llm.detokenize(tail).decode("utf-8", errors="replace")
+    assert text.strip(), f"{policy}: no text in the last 200 tokens"
+    assert len(set(tail)) >= 3, f"{policy}: degenerate output {text[:200]!r}"
+    return out
+
+
+def kv_scores_after_decode(llm, prompt, decode):
+    """``llm.kv_scores()`` after evaluating ``prompt``, then each token of ``decode``
+    alone (one-token ubatches, as generation feeds them); asserts that nothing was
+    evicted: every token is in the cache at its own position."""
+    llm.eval(prompt)
+    for t in decode:
+        llm.eval([t])
+    s = llm.kv_scores()
+    assert s.positions.tolist() == list(range(len(prompt) + len(decode)))
+    return s
+
 
 @pytest.fixture(scope="session")
 def core():

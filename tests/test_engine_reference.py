@@ -15,6 +15,8 @@ from a2sf import Llama
 from a2sf.policies import make_policy
 from a2sf.testing.reference import ReferenceLlama, accumulate_scores, ubatch_sizes
 
+from conftest import kv_scores_after_decode
+
 GGML_TYPE_F32 = 0
 TEXT = b"The quick brown fox jumps over the lazy dog. It is a test of the tiny model, and of its cache."
 N_BATCH, N_UBATCH, N_DECODE = 16, 8, 6
@@ -154,12 +156,8 @@ def test_streaming_and_random_keep_no_scores_but_list_cells(core, tiny_f32, toke
     prompt, decode = tokens
     for name in ("streaming", "random"):
         llm = _llm(tiny_f32, name)
-        llm.eval(prompt)
-        for t in decode:
-            llm.eval([t])
-        s = llm.kv_scores()
+        s = kv_scores_after_decode(llm, prompt, decode)
         n = len(prompt) + len(decode)
-        assert s.positions.tolist() == list(range(n))
         assert s.scores.shape == (2, n)
         np.testing.assert_array_equal(s.scores, np.zeros((2, n), np.float32), err_msg=name)
 
@@ -173,9 +171,7 @@ def test_q8_0_model_matches_reference(core, tiny_q8, policy):
     llm = _llm(tiny_q8, pol, logits_all=True)
     prompt = llm.tokenize(TEXT)
     decode = [17, 42, 260, 99, 280, 5]
-    llm.eval(prompt)
-    for t in decode:
-        llm.eval([t])
+    kv_scores_after_decode(llm, prompt, decode)
     T = len(prompt) + len(decode)
     ref = ReferenceLlama(tiny_q8).forward(prompt + decode)
     np.testing.assert_allclose(llm.scores[:T], ref.logits, rtol=1e-4, atol=1e-4)

@@ -12,46 +12,33 @@ import pytest
 from a2sf import Llama
 from a2sf.policies import make_policy
 
+from conftest import generate_past_n_ctx
+
 N_CTX = 256
 POLICIES = ["streaming", "h2o", "tova", "a2sf", "vatp", "random"]
-PROMPT = ("Write a long story about a lighthouse keeper who finds a message in a bottle. "
-          "Describe the sea, the weather and every visitor in detail.")
 
 
 def _generate(smollm2, policy, n_new, check_every=25):
     llm = Llama(smollm2, n_ctx=N_CTX, kv_policy=policy, n_threads=2, seed=42,
                 max_positions=8192, verbose=False)
     pol = llm.kv_policy
-    prompt = llm.tokenize(PROMPT.encode())
-    out = []
-    for i, tok in enumerate(llm.generate(prompt, temp=0.8, top_k=40, top_p=0.95,
-                                         repeat_penalty=1.1)):
-        out.append(tok)
-        if i % check_every == 0 or len(out) >= n_new:
-            s = llm.kv_scores()
-            pos = s.token_index.tolist()
-            n = llm.n_tokens
-            assert len(pos) <= N_CTX
-            assert llm.kv_stats()["cells_used"] <= N_CTX
-            assert pos == sorted(set(pos)) and pos[-1] == n - 1
-            assert set(range(pol.n_sink)) <= set(pos), f"{policy}: sink evicted at n={n}"
-            assert set(range(max(0, n - pol.n_recent), n)) <= set(pos), f"{policy}: recent evicted at n={n}"
-            if n > N_CTX:
-                assert len(pos) >= N_CTX - llm.n_batch - pol.evict_chunk - 1
-            if policy == "streaming":
-                k = len(pos) - pol.n_sink
-                assert pos == list(range(pol.n_sink)) + list(range(n - k, n))
-        if len(out) >= n_new:
-            break
-    assert len(out) == n_new
-    stats = llm.kv_stats()
-    assert stats["evictions"] > 0
-    assert stats["cells_evicted"] == llm.n_tokens - llm.kv_n_cells()
-    tail = out[-200:]
-    text = llm.detokenize(tail).decode("utf-8", errors="replace")
-    assert text.strip(), f"{policy}: no text in the last 200 tokens"
-    assert len(set(tail)) >= 3, f"{policy}: degenerate output {text[:200]!r}"
-    return llm, out
+
+    def check():
+        s = llm.kv_scores()
+        pos = s.token_index.tolist()
+        n = llm.n_tokens
+        assert len(pos) <= N_CTX
+        assert llm.kv_stats()["cells_used"] <= N_CTX
+        assert pos == sorted(set(pos)) and pos[-1] == n - 1
+        assert set(range(pol.n_sink)) <= set(pos), f"{policy}: sink evicted at n={n}"
+        assert set(range(max(0, n - pol.n_recent), n)) <= set(pos), f"{policy}: recent evicted at n={n}"
+        if n > N_CTX:
+            assert len(pos) >= N_CTX - llm.n_batch - pol.evict_chunk - 1
+        if policy == "streaming":
+            k = len(pos) - pol.n_sink
+            assert pos == list(range(pol.n_sink)) + list(range(n - k, n))
+
+    return llm, generate_past_n_ctx(llm, policy, n_new, check_every, check)
 
 
 @pytest.mark.parametrize("policy", POLICIES)

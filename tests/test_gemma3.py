@@ -12,12 +12,10 @@ import pytest
 from a2sf import Llama
 from a2sf.policies import POLICY_NAMES
 
-from conftest import missing_dependency
+from conftest import generate_past_n_ctx, missing_dependency
 
 N_CTX = 256
 POLICIES = [p for p in POLICY_NAMES if p != "none"]
-PROMPT = ("Write a long story about a lighthouse keeper who finds a message in a bottle. "
-          "Describe the sea, the weather and every visitor in detail.")
 
 
 @pytest.fixture(scope="module")
@@ -33,25 +31,14 @@ def gemma3_270m():
 def _generate(path, policy, n_new, check_every):
     llm = Llama(path, n_ctx=N_CTX, kv_policy=policy, n_threads=1, seed=42, verbose=False)
     assert llm.kv_scores().scored_layers.tolist() == [5, 11, 17]  # the global layers
-    prompt = llm.tokenize(PROMPT.encode())
-    out = []
-    for i, tok in enumerate(llm.generate(prompt, temp=0.8, top_k=40, top_p=0.95, repeat_penalty=1.1)):
-        out.append(tok)
-        if i % check_every == 0 or len(out) >= n_new:
-            s = llm.kv_scores()
-            assert len(s) <= N_CTX and llm.kv_stats()["cells_used"] <= N_CTX
-            assert s.token_index[-1] == llm.n_tokens - 1
-            assert np.isfinite(np.asarray(llm._scores[-1])).all()
-        if len(out) >= n_new:
-            break
-    assert len(out) == n_new
-    st = llm.kv_stats()
-    assert st["evictions"] > 0
-    assert st["cells_evicted"] == llm.n_tokens - llm.kv_n_cells()
-    tail = out[-200:]
-    text = llm.detokenize(tail).decode("utf-8", errors="replace")
-    assert text.strip(), f"{policy}: no text in the last 200 tokens"
-    assert len(set(tail)) >= 3, f"{policy}: degenerate output {text[:200]!r}"
+
+    def check():
+        s = llm.kv_scores()
+        assert len(s) <= N_CTX and llm.kv_stats()["cells_used"] <= N_CTX
+        assert s.token_index[-1] == llm.n_tokens - 1
+        assert np.isfinite(np.asarray(llm._scores[-1])).all()
+
+    generate_past_n_ctx(llm, policy, n_new, check_every, check)
 
 
 @pytest.mark.parametrize("policy", POLICIES)

@@ -18,6 +18,8 @@ from a2sf.testing.reference import accumulate_scores, ubatch_sizes
 from a2sf.testing.reference_gemma3 import ReferenceGemma3
 from a2sf.testing.tiny_gemma3 import write_tiny_gemma3
 
+from conftest import kv_scores_after_decode
+
 GGML_TYPE_F32 = 0
 TEXT = b"The quick brown fox jumps over the lazy dog. It is a test of the tiny model, and of its cache."
 LONG = b"the cat sat on the mat and it is a test of a sliding window in the cache. " * 40
@@ -77,12 +79,7 @@ def test_scores_match_reference(core, gemma, ref, alpha, value_aware):
     llm = _llm(gemma, make_policy("a2sf", forgetting_factor=alpha, value_aware=value_aware))
     prompt = llm.tokenize(TEXT)
     decode = [17, 42, 260, 99]
-    llm.eval(prompt)
-    for t in decode:
-        llm.eval([t])
-    s = llm.kv_scores()
-    n = len(prompt) + len(decode)
-    assert s.positions.tolist() == list(range(n))
+    s = kv_scores_after_decode(llm, prompt, decode)
     fr = ref.forward(prompt + decode)
     g = ref.global_layers
     expect = accumulate_scores(fr.probs[g], fr.v_l1[g], _ubatches(len(prompt), len(decode)), alpha, value_aware)
