@@ -33,17 +33,14 @@ from unittest import mock
 
 import a2sf  # binds llama_cpp to a2sf's libllama before llama_cpp.server imports it
 
-try:
+from ._deps import import_hint
+
+with import_hint("a2sf.server needs llama-cpp-python's server extras: "
+                 "pip install fastapi uvicorn sse-starlette starlette-context pydantic-settings"):
     import llama_cpp.server.app as _server_app
     import llama_cpp.server.model as _server_model
     from llama_cpp.server.cli import add_args_from_model, parse_model_from_args
     from llama_cpp.server.settings import ModelSettings, ServerSettings
-except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        "a2sf.server needs llama-cpp-python's server extras: "
-        "pip install fastapi uvicorn sse-starlette starlette-context pydantic-settings "
-        f"({e})"
-    ) from e
 
 from fastapi import Depends
 from pydantic import Field, create_model, model_validator

@@ -5,6 +5,7 @@ from typing import Any, Optional
 
 import llama_cpp
 
+from .._deps import import_hint
 from ..policies import KVPolicy, PolicyKind
 
 _INT32_MAX = 2**31 - 1
@@ -12,14 +13,9 @@ _INT32_MAX = 2**31 - 1
 
 def core():
     """a2sf._core, imported on first use (the parent class works without it)."""
-    try:
+    with import_hint("a2sf._core (the native eviction engine bindings) could not be imported; "
+                     "kv_policy needs a2sf built against the patched libllama: bash scripts/setup.sh"):
         from .. import _core  # type: ignore[attr-defined]
-    except ImportError as e:  # pragma: no cover - depends on the build
-        raise ImportError(
-            "a2sf._core (the native eviction engine bindings) could not be imported; "
-            "kv_policy needs a2sf built against the patched libllama "
-            f"(bash scripts/setup.sh): {e}"
-        ) from e
     return _core
 
 
