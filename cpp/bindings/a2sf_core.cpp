@@ -93,6 +93,18 @@ void check_nonneg(int64_t v, const char * name) {
     }
 }
 
+// The binding of a C call (ctx, seq_id, a number of cells) -> cells, such as
+// llama_kv_policy_evict: the count comes as a Python int, so it is range-checked
+// (named `count_name` in the error) before the cast to int32_t.
+auto cells_call(int32_t (*fn)(llama_context *, llama_seq_id, int32_t), const char * fn_name,
+                const char * count_name) {
+    return [=](const py::object & ctx_obj, int32_t seq_id, int64_t count) {
+        llama_context * ctx = as_ctx(ctx_obj);
+        check_nonneg(count, count_name);
+        return check(fn(ctx, seq_id, static_cast<int32_t>(count)), fn_name);
+    };
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -258,13 +270,7 @@ PYBIND11_MODULE(_core, m) {
         "because of the a2sf part of the state).");
 
     m.def(
-        "evict",
-        [](const py::object & ctx_obj, int32_t seq_id, int64_t n_free) {
-            llama_context * ctx = as_ctx(ctx_obj);
-            check_nonneg(n_free, "n_free");
-            return check(llama_kv_policy_evict(ctx, seq_id, static_cast<int32_t>(n_free)),
-                         "llama_kv_policy_evict");
-        },
+        "evict", cells_call(llama_kv_policy_evict, "llama_kv_policy_evict", "n_free"),
         py::arg("ctx"), py::arg("seq_id"), py::arg("n_free"),
         "Evict n_free cells of seq_id now by the policy's ranking; returns the number freed.");
 
@@ -304,13 +310,7 @@ PYBIND11_MODULE(_core, m) {
         "(layer, KV head) holds in each cell of seq_id (cells in the order of scores()).");
 
     m.def(
-        "compress",
-        [](const py::object & ctx_obj, int32_t seq_id, int64_t n_keep) {
-            llama_context * ctx = as_ctx(ctx_obj);
-            check_nonneg(n_keep, "n_keep");
-            return check(llama_kv_policy_compress(ctx, seq_id, static_cast<int32_t>(n_keep)),
-                         "llama_kv_policy_compress");
-        },
+        "compress", cells_call(llama_kv_policy_compress, "llama_kv_policy_compress", "n_keep"),
         py::arg("ctx"), py::arg("seq_id"), py::arg("n_keep"),
         "Evict seq_id down to n_keep cells by the policy (its granularity) and move the kept cells\n"
         "to the front of the cache; returns the cells it holds.");

@@ -498,6 +498,36 @@ std::vector<llama_pos> swa_window(const llama_kv_cells & cells, uint32_t n_swa, 
     return res;
 }
 
+// What a batch asks of one cache, per stream: the cells its tokens need beyond the
+// ones the cache can give them now, with a chunk of headroom per sequence (what an
+// eviction frees, so that the next batches fit too) and without it (short of that
+// the batch cannot fit at all)
+struct stream_need {
+    std::vector<int64_t> with_chunk;
+    std::vector<int64_t> bare;
+};
+
+// v_cells, seq_to_stream: the cache's (llama_kv_cache keeps them private: its friend
+// passes them); n_add: the tokens the batch adds per sequence; n_usable(cells): how
+// many cells of a stream the batch's tokens can take without an eviction
+template <typename NUsable>
+stream_need need_per_stream(const llama_kv_cells_vec & v_cells, const std::vector<uint32_t> & seq_to_stream,
+                            const std::map<llama_seq_id, int32_t> & n_add, int32_t chunk, NUsable n_usable) {
+    const size_t n_stream = v_cells.size();
+    stream_need need{ std::vector<int64_t>(n_stream, 0), std::vector<int64_t>(n_stream, 0) };
+    for (const auto & [sid, n] : n_add) {
+        const uint32_t strm = stream_of(seq_to_stream, sid);
+        need.with_chunk[strm] += n + chunk;
+        need.bare[strm]       += n;
+    }
+    for (size_t s = 0; s < n_stream; ++s) {
+        const int64_t usable = n_usable(v_cells[s]);
+        need.with_chunk[s] -= usable;
+        need.bare[s]       -= usable;
+    }
+    return need;
+}
+
 } // namespace
 
 int32_t llama_kv_score_access::evict_for_batch(llama_context & lctx, const llama_batch_allocr & balloc) {
@@ -526,24 +556,18 @@ int32_t llama_kv_score_access::evict_for_batch(llama_context & lctx, const llama
         }
     }
 
-    // per stream: how many cells are missing (with a chunk of headroom per sequence),
-    // and how many the batch's sequences could give up
+    // per stream: how many cells are missing beyond the free ones (with a chunk of
+    // headroom per sequence, and without), and how many the batch's sequences could give up
     const uint32_t n_stream = kv->v_cells.size();
-    std::vector<int64_t> deficit(n_stream, 0);
-    std::vector<int64_t> short_by(n_stream, 0);
+    auto [deficit, short_by] = need_per_stream(kv->v_cells, kv->seq_to_stream, n_add, c.params.evict_chunk,
+                                               [](const llama_kv_cells & cells) {
+        return (int64_t) cells.size() - cells.get_used();
+    });
     std::vector<int64_t> avail(n_stream, 0);
-
     for (const auto & [sid, n] : n_add) {
-        const uint32_t strm = stream_of(kv->seq_to_stream, sid);
-        deficit[strm]  += n + c.params.evict_chunk;
-        short_by[strm] += n;
-        avail[strm]    += std::max(0, n_cells(*kv, sid) - c.params.n_sink - std::max(0, c.params.n_recent));
+        avail[stream_of(kv->seq_to_stream, sid)] += std::max(0, n_cells(*kv, sid) - c.params.n_sink - std::max(0, c.params.n_recent));
     }
     for (uint32_t s = 0; s < n_stream; ++s) {
-        const auto & cells = kv->v_cells[s];
-        const int64_t n_free_now = (int64_t) cells.size() - cells.get_used();
-        deficit[s]  -= n_free_now;
-        short_by[s] -= n_free_now;
         if (short_by[s] > avail[s]) {
             // cannot fit even after evicting everything evictable: leave the cache as it is
             lctx.kv_score.t_evict_us += ggml_time_us() - t0;
@@ -559,22 +583,14 @@ int32_t llama_kv_score_access::evict_for_batch(llama_context & lctx, const llama
     std::map<llama_seq_id, int64_t> swa_drop; // per sequence: oldest window cells to free
     if (swa != nullptr) {
         const uint32_t n_stream_swa = swa->v_cells.size();
-        std::vector<int64_t> need(n_stream_swa, 0);
-        std::vector<int64_t> need_min(n_stream_swa, 0);
-        for (const auto & [sid, n] : n_add) {
-            const uint32_t strm = stream_of(swa->seq_to_stream, sid);
-            need[strm]     += n + c.params.evict_chunk;
-            need_min[strm] += n;
-        }
-        for (uint32_t s = 0; s < n_stream_swa; ++s) {
-            const auto & cells = swa->v_cells[s];
+        auto [need, need_min] = need_per_stream(swa->v_cells, swa->seq_to_stream, n_add, c.params.evict_chunk,
+                                                [swa](const llama_kv_cells & cells) {
             int64_t n_reusable = 0;
             for (uint32_t i = 0; i < cells.size(); ++i) {
                 n_reusable += swa_reusable(cells, swa->n_swa, swa->swa_type, i);
             }
-            need[s]     -= n_reusable;
-            need_min[s] -= n_reusable;
-        }
+            return n_reusable;
+        });
         for (const auto & [sid, n] : n_add) {
             const uint32_t strm = stream_of(swa->seq_to_stream, sid);
             if (need[strm] <= 0) {
