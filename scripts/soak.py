@@ -116,7 +116,7 @@ def soak(
             problems.append(f"at {generated}: {len(pos)} cells of seq 0, {st['cells_used']} used")
         if not set(range(min(pol.n_sink, fed))) <= kept:
             problems.append(f"at {generated}: a sink was evicted")
-        if not set(range(max(0, fed - pol.n_recent), fed)) <= kept:
+        if not set(range(max(0, fed - pol.recent_window(len(pos))), fed)) <= kept:
             problems.append(f"at {generated}: a recent cell was evicted")
         if verbose:
             print(json.dumps(rec), flush=True)

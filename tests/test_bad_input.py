@@ -102,8 +102,8 @@ OTHER_CTOR_CASES = [
     (dict(kv_policy="a2sf", n_ctx=2**31), ValueError, "n_ctx must be"),
     # n_ctx smaller than the protected cells (n_sink + n_recent)
     (dict(kv_policy="a2sf", n_ctx=1), ValueError, "leaves no room"),
-    (dict(kv_policy="a2sf", n_ctx=32), ValueError, "leaves no room"),
-    (dict(kv_policy="a2sf", n_ctx=37), ValueError, "leaves no room"),
+    (dict(kv_policy="a2sf", n_ctx=32, n_recent=32), ValueError, "leaves no room"),
+    (dict(kv_policy="a2sf", n_ctx=37, n_recent=32), ValueError, "leaves no room"),
     (dict(kv_policy="h2o", n_ctx=256, n_sink=200, n_recent=56), ValueError, "leaves no room"),
     (dict(kv_policy="h2o", n_ctx=256, n_recent=255), ValueError, "leaves no room"),
     (dict(kv_policy="streaming", n_ctx=64, n_sink=63), ValueError, "leaves no room"),
@@ -111,9 +111,9 @@ OTHER_CTOR_CASES = [
     (dict(kv_policy="random", n_ctx=300, n_recent=INT32_MAX), ValueError, "leaves no room"),
     # a batch larger than the cache (or than the room beside the protected cells)
     (dict(kv_policy="a2sf", n_ctx=256, n_batch=256), ValueError, "n_batch=256 does not fit"),
-    (dict(kv_policy="a2sf", n_ctx=256, n_batch=220), ValueError, "n_batch=220 does not fit"),
+    (dict(kv_policy="a2sf", n_ctx=256, n_batch=220, n_recent=32), ValueError, "n_batch=220 does not fit"),
     (dict(kv_policy="a2sf", n_ctx=256, n_batch=10**6), ValueError, "does not fit"),
-    (dict(kv_policy="a2sf", n_ctx=256, n_ubatch=250), ValueError, "n_ubatch=250 does not fit"),
+    (dict(kv_policy="a2sf", n_ctx=256, n_ubatch=250, n_recent=32), ValueError, "n_ubatch=250 does not fit"),
     (dict(kv_policy="a2sf", n_ctx=256, n_batch=0), ValueError, "n_batch must be a positive int"),
     (dict(kv_policy="a2sf", n_ctx=256, n_batch=-4), ValueError, "n_batch must be a positive int"),
     (dict(kv_policy="a2sf", n_ctx=256, n_batch=1.5), ValueError, "n_batch must be a positive int"),
@@ -351,7 +351,7 @@ def test_bad_scores_api_calls(good, method, kw, exc, match):
         getattr(good, method)(**kw)
     after = good.kv_scores()
     assert after.positions.tolist() == before.positions.tolist()  # nothing changed
-    assert good.kv_policy == A2SF()
+    assert good.kv_policy == A2SF(granularity="head")
     assert_alive(good)
 
 
@@ -364,10 +364,14 @@ def test_policy_change_mid_generation_is_refused(good, new):
         good.set_kv_policy(new)
     with pytest.raises(RuntimeError, match="while generate"):
         good.kv_policy = new
-    assert good.kv_policy == A2SF()
+    assert good.kv_policy == A2SF(granularity="head")
     rest = list(stream)  # the generation goes on undisturbed
     assert len(rest) >= 1
-    assert good.set_kv_policy(new) == make_policy(new)  # allowed once it finished
+    # allowed once it finished; the policy in force carries the granularity the engine chose
+    want = make_policy(new)
+    if want is not None and want.granularity is None:
+        want = want.replace(granularity="head")
+    assert good.set_kv_policy(new) == want == good.kv_policy
     assert_alive(good)
     good.set_kv_policy("a2sf")
 

@@ -54,6 +54,7 @@ def _stream(llm, ref, tokens):
 def test_logits_after_compaction_equal_the_rotated_reference(tiny_f32, ref, policy, flash_attn):
     llm = Llama(tiny_f32, n_ctx=256, n_batch=CHUNK, n_ubatch=CHUNK, n_threads=1, logits_all=True,
                 kv_policy=policy, positions="cache", n_sink=2, n_recent=8, flash_attn=flash_attn,
+                **({} if policy in ("streaming", "random") else {"granularity": "token"}),
                 type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, verbose=False)
     got, want = _stream(llm, ref, _tokens(520))
     st = llm.kv_stats()
@@ -68,7 +69,8 @@ def test_logits_after_compaction_equal_the_rotated_reference(tiny_f32, ref, poli
 
 
 def test_scores_cells_and_tokens_survive_a_compaction(tiny_f32):
-    llm = Llama(tiny_f32, n_ctx=256, n_threads=1, kv_policy="vatp", positions="cache", verbose=False)
+    llm = Llama(tiny_f32, n_ctx=256, n_threads=1, kv_policy="vatp", positions="cache", granularity="token",
+                verbose=False)
     llm.eval(_tokens(60))
     assert llm.kv_evict(10) == 10
     before = llm.kv_scores()
@@ -102,7 +104,9 @@ def test_completion_runs_past_the_training_context_without_a_window_error(tmp_pa
     llm = Llama(str(path), n_ctx=256, n_threads=1, kv_policy="a2sf", seed=1, verbose=False)
     assert llm.positions == "cache" and llm.context_window > 10**9
     out = llm.create_completion("the cat", max_tokens=700, temperature=0.0)
-    assert out["usage"]["completion_tokens"] == 700  # the random model never says EOS
+    # the random model never says EOS; llama-cpp-python checks max_tokens only after a token
+    # that completes the UTF-8 text, so a few more can come
+    assert 700 <= out["usage"]["completion_tokens"] <= 704
     assert llm.n_tokens > 700 and llm.kv_scores().positions.max() < 256 + llm.n_batch
     llm.close()
 

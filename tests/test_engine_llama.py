@@ -35,8 +35,8 @@ COMMON = dict(n_threads=2, verbose=False)
     (dict(n_sink=4), ValueError, "without a policy"),
     (dict(forgetting_factor=0.5), ValueError, "without a policy"),
     (dict(max_positions=4096), ValueError, "max_positions needs a kv_policy"),
-    (dict(kv_policy="h2o", n_ctx=256, n_batch=250), ValueError, "n_batch=250 does not fit"),
-    (dict(kv_policy="h2o", n_ctx=256, n_ubatch=230), ValueError, "n_ubatch=230 does not fit"),
+    (dict(kv_policy="h2o", n_ctx=256, n_batch=253), ValueError, "n_batch=253 does not fit"),
+    (dict(kv_policy="h2o", n_ctx=256, n_recent=32, n_ubatch=230), ValueError, "n_ubatch=230 does not fit"),
     (dict(kv_policy="h2o", n_ctx=256, n_sink=200, n_recent=60), ValueError, "leaves no room"),
     (dict(kv_policy="streaming", n_ctx=64, n_recent=60), ValueError, "leaves no room"),
     (dict(kv_policy="h2o", n_ctx=-1), ValueError, "n_ctx"),
@@ -78,12 +78,14 @@ def test_batch_is_chosen_to_fit(tiny_f32):
     assert fit(tiny_f32) == dict(n_ctx=512, n_batch=128, n_ubatch=128)  # parent default n_ctx=512
     assert fit(tiny_f32, n_ctx=256) == dict(n_ctx=256, n_batch=64, n_ubatch=64)
     assert fit(tiny_f32, n_ctx=8192)["n_batch"] == 512
-    assert fit(tiny_f32, n_ctx=40) == dict(n_ctx=40, n_batch=3, n_ubatch=3)  # 36 protected
+    assert fit(tiny_f32, n_ctx=40) == dict(n_ctx=40, n_batch=10, n_ubatch=10)  # a quarter of the cache
+    assert fit_batch(tiny_f32, make_policy("h2o", n_recent=32), dict(n_ctx=40)) == dict(
+        n_ctx=40, n_batch=3, n_ubatch=3)  # 36 protected
     assert fit(tiny_f32, n_ctx=256, n_ubatch=32) == dict(n_ctx=256, n_batch=32, n_ubatch=32)
     assert fit(tiny_f32, n_ctx=256, n_batch=100, n_ubatch=200) == dict(n_ctx=256, n_batch=100, n_ubatch=100)
-    assert fit(tiny_f32, n_ctx=256, n_batch=219)["n_batch"] == 219  # 36 + 219 = 255 < 256
+    assert fit(tiny_f32, n_ctx=256, n_batch=251)["n_batch"] == 251  # 4 sinks + 251 = 255 < 256
     with pytest.raises(ValueError):
-        fit(tiny_f32, n_ctx=256, n_batch=220)
+        fit(tiny_f32, n_ctx=256, n_batch=252)
     # n_ctx=0: the model's training context, read from the GGUF header
     assert fit(tiny_f32, n_ctx=0)["n_ctx"] == 512
     # protected cells are what count, whatever the policy
@@ -134,7 +136,8 @@ def tiny(path, policy="h2o", n_ctx=256, **kw):
 
 def test_policy_is_installed(core, tiny_f32):
     llm = tiny(tiny_f32, A2SF(forgetting_factor=0.5, n_recent=16), evict_chunk=8)
-    assert llm.kv_policy == A2SF(forgetting_factor=0.5, n_recent=16, evict_chunk=8)
+    # granularity left unset: the policy in force carries what the engine chose
+    assert llm.kv_policy == A2SF(forgetting_factor=0.5, n_recent=16, evict_chunk=8, granularity="head")
     assert core.get_policy(llm._ctx.ctx) == pytest.approx(llm.kv_policy.to_native())
     assert llm.n_batch == 64 and llm.context_params.n_ubatch == 64
     assert llm.context_window == 4096  # the completion API's limit is max_positions
@@ -160,7 +163,7 @@ def _check_invariants(llm, n_ctx=256):
     assert len(pos) <= n_ctx
     assert pos == sorted(set(pos)) and (not pos or pos[-1] == n - 1)
     assert set(range(min(pol.n_sink, n))) <= set(pos), "a sink was evicted"
-    assert set(range(max(0, n - pol.n_recent), n)) <= set(pos), "a recent cell was evicted"
+    assert set(range(max(0, n - pol.recent_window(len(pos))), n)) <= set(pos), "a recent cell was evicted"
     assert llm.kv_stats()["cells_used"] == len(pos)
     return pos
 
@@ -207,11 +210,11 @@ def test_random_differs_from_h2o_and_is_seeded(core, tiny_f32):
 
 @pytest.mark.parametrize("policy", ["h2o", "tova", "a2sf", "vatp"])
 def test_manual_eviction_drops_the_lowest_scores(core, tiny_f32, policy):
-    llm = tiny(tiny_f32, policy)
+    llm = tiny(tiny_f32, policy, granularity="token")  # one ranking for all layers and heads
     llm.eval(np.random.default_rng(2).integers(3, 300, size=100).tolist())
     before = llm.kv_scores()
     pol = llm.kv_policy
-    unprotected = [i for i, p in enumerate(before.token_index) if pol.n_sink <= p < 100 - pol.n_recent]
+    unprotected = [i for i, p in enumerate(before.token_index) if pol.n_sink <= p < 100 - pol.recent_window(100 - 10)]
     order = sorted(unprotected, key=lambda i: before.total[i])
     expect = set(before.token_index.tolist()) - {int(before.token_index[i]) for i in order[:10]}
     assert llm.kv_evict(10) == 10
@@ -228,11 +231,11 @@ def test_manual_eviction_drops_the_lowest_scores(core, tiny_f32, policy):
 
 def test_manual_eviction_streaming_and_random(core, tiny_f32):
     toks = list(range(3, 103))
-    llm = tiny(tiny_f32, "streaming")
+    llm = tiny(tiny_f32, "streaming", n_recent=32)
     llm.eval(toks)
     assert llm.kv_evict(10) == 10
     assert llm.kv_scores().token_index.tolist() == list(range(4)) + list(range(14, 100))
-    llm = tiny(tiny_f32, "random")
+    llm = tiny(tiny_f32, "random", n_recent=32)
     llm.eval(toks)
     assert llm.kv_evict(10) == 10
     pos = set(llm.kv_scores().token_index.tolist())
@@ -318,11 +321,11 @@ def test_logits_all_grows_with_the_sequence(core, tiny_f32):
 def test_set_kv_policy(core, tiny_f32):
     llm = tiny(tiny_f32, "h2o")
     llm.set_kv_policy("tova", n_recent=8)
-    assert llm.kv_policy == TOVA(n_recent=8)
+    assert llm.kv_policy == TOVA(n_recent=8, granularity="head")  # what the engine chose
     assert core.get_policy(llm._ctx.ctx)["forgetting_factor"] == 0.0
     with pytest.raises(ValueError):
         llm.set_kv_policy("h2o", n_recent=250)
-    assert llm.kv_policy == TOVA(n_recent=8)  # unchanged
+    assert llm.kv_policy == TOVA(n_recent=8, granularity="head")  # unchanged
     llm.eval(list(range(3, 300)) * 2)
     assert llm.kv_stats()["cells_evicted"] > 0
     llm.set_kv_policy(None)
@@ -341,3 +344,21 @@ def test_the_context_window_is_lifted_only_inside_the_completion_api(core, tiny_
     list(stream)
     assert llm._n_ctx == llm.n_ctx() == 256  # and outside it, the parent's own meaning
     assert len(llm.eval_tokens) == llm.n_tokens > 256  # not cut to n_ctx
+
+
+@pytest.mark.parametrize("granularity", ["token", "head"])
+def test_default_recent_window_is_half_of_what_an_eviction_keeps(core, tiny_f32, granularity):
+    """n_recent=None: an eviction of 30 of 100 cells keeps 70, so the newest (70 - 4) // 2 = 33
+    positions are protected: the same cells as an explicit n_recent=33."""
+    toks = np.random.default_rng(4).integers(3, 300, size=100).tolist()
+    kept = {}
+    for n_recent in (None, 33):
+        llm = tiny(tiny_f32, "h2o", granularity=granularity, **({} if n_recent is None else {"n_recent": n_recent}))
+        llm.eval(toks)
+        assert llm.kv_evict(30) == 30
+        kept[n_recent] = llm.kv_head_scores()[0].copy()
+        tokens = set(llm.kv_scores().token_index.tolist())
+        assert set(range(100 - 33, 100)) <= tokens and set(range(4)) <= tokens
+        assert llm.kv_policy.recent_window(70) == 33
+        llm.close()
+    np.testing.assert_array_equal(kept[None], kept[33])

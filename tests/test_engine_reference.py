@@ -188,7 +188,8 @@ def test_after_eviction_the_evicted_cells_are_gone_from_attention(core, tiny_f32
     """Logits and scores after a manual eviction equal the reference with those
     keys masked for every later query (the freed cells are reused by new tokens)."""
     prompt, decode = tokens
-    pol = make_policy(policy, n_sink=2, n_recent=8)
+    # one token per cell: the reference masks each evicted token for every layer and head
+    pol = make_policy(policy, n_sink=2, n_recent=8, **({} if policy == "streaming" else {"granularity": "token"}))
     # absolute positions: the reference keeps every token at its index (compaction, the
     # default for RoPE models, is checked against a rotated cache in test_compaction.py)
     llm = _llm(tiny_f32, pol, logits_all=True, positions="absolute")

@@ -31,7 +31,7 @@ def _generate(smollm2, policy, n_new, check_every=25):
         assert llm.kv_stats()["cells_used"] <= N_CTX
         assert pos == sorted(set(pos)) and pos[-1] == n - 1
         assert set(range(pol.n_sink)) <= set(pos), f"{policy}: sink evicted at n={n}"
-        assert set(range(max(0, n - pol.n_recent), n)) <= set(pos), f"{policy}: recent evicted at n={n}"
+        assert set(range(max(0, n - pol.recent_window(len(pos))), n)) <= set(pos), f"{policy}: recent evicted at n={n}"
         if n > N_CTX:
             assert len(pos) >= N_CTX - llm.n_batch - pol.evict_chunk - 1
         if policy == "streaming":

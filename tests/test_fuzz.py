@@ -71,7 +71,7 @@ def test_make_policy_validates_or_raises(spec, overrides):
         return
     assert isinstance(p, KVPolicy)
     native = p.to_native()
-    assert 0 <= native["n_sink"] < 2**31 and 0 <= native["n_recent"] < 2**31
+    assert 0 <= native["n_sink"] < 2**31 and -1 <= native["n_recent"] < 2**31  # -1: half of what is kept
     assert 0 <= native["evict_chunk"] < 2**31 and 0 <= native["seed"] < 2**32
     assert 0.0 <= native["forgetting_factor"] <= 1.0
     assert isinstance(native["value_aware"], bool)
@@ -122,7 +122,7 @@ def _check_cache(llm):
     n = llm.n_tokens
     if pol is not None and pos:
         assert set(range(min(pol.n_sink, n))) <= set(pos), "a sink was evicted"
-        assert set(range(max(0, n - pol.n_recent), n)) <= set(pos), "a recent cell was evicted"
+        assert set(range(max(0, n - pol.recent_window(len(pos))), n)) <= set(pos), "a recent cell was evicted"
 
 
 op = st.one_of(

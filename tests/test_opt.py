@@ -342,7 +342,8 @@ def test_eviction_on_opt_bounded_cells_and_scores(ggufs):
     assert pos == sorted(pos) and pos[-1] == n - 1
     # positions are never shifted: sinks and the newest positions keep their absolute values
     assert pos[: pol.n_sink] == list(range(pol.n_sink))
-    assert pos[-pol.n_recent:] == list(range(n - pol.n_recent, n))
+    r = pol.recent_window(len(pos))
+    assert r > 0 and pos[-r:] == list(range(n - r, n))
 
 
 def test_scores_match_transformers_attention(ggufs, hf_models):

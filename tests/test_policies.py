@@ -35,8 +35,8 @@ def test_defaults_and_kinds():
     assert VATP().forgetting_factor == 1.0 and VATP().value_aware
     for cls in (StreamingLLM, H2O, TOVA, A2SF, VATP, RandomEviction):
         p = cls()
-        assert (p.n_sink, p.n_recent, p.evict_chunk) == (4, 32, 16)
-        assert p.n_protected == 36
+        assert (p.n_sink, p.n_recent, p.evict_chunk) == (4, None, 16)  # None: half of what is kept
+        assert p.n_protected == 4  # the recent half adapts to each eviction (recent_window)
 
 
 def test_every_policy_documents_its_paper():
@@ -113,9 +113,11 @@ def test_alpha_not_a_real_number(bad):
 def test_sizes(field):
     with pytest.raises(ValueError, match=field):
         A2SF(**{field: -1})
-    for bad in (1.0, "4", True, None):
+    for bad in (1.0, "4", True) + (() if field == "n_recent" else (None,)):
         with pytest.raises(TypeError, match=field):
             A2SF(**{field: bad})
+    if field == "n_recent":  # None (the default): half of what each eviction keeps
+        assert A2SF(n_recent=None).n_recent is None and A2SF(n_recent=None).recent_window(100) == 48
     with pytest.raises(ValueError):
         A2SF(**{field: 2**32})
     assert getattr(A2SF(**{field: 0}), field) == 0

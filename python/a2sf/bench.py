@@ -34,7 +34,8 @@ from typing import List, Optional
 
 from .bench_common import greedy, open_llama, text_tokens
 
-POLICIES = [None, "streaming", "h2o", "a2sf", "vatp"]
+#: a2sf+decode_scoring=eager: flash attention's per-step scoring, beside the default lazy one
+POLICIES = [None, "streaming", "h2o", "a2sf", "a2sf+decode_scoring=eager", "vatp", "tova", "mean"]
 LONG_POLICIES = ["streaming", "a2sf"]
 
 
@@ -81,7 +82,7 @@ def measure(model: str, n_ctx: int, policy, n_decode: int, flash_attn: bool, n_t
 
 
 def section_overhead(model: str, sizes, fa_modes, reps: int, n_decode: int, n_threads: int,
-                     cpu_clock: bool = False) -> List[str]:
+                     cpu_clock: bool = False, policies=tuple(POLICIES)) -> List[str]:
     # With one thread ggml computes on the calling thread, so its CPU time is the
     # work done, much less disturbed by other processes than wall time.
     clock = time.thread_time if cpu_clock else time.perf_counter
@@ -89,7 +90,7 @@ def section_overhead(model: str, sizes, fa_modes, reps: int, n_decode: int, n_th
     for size in sizes:
         for _ in range(reps):
             for fa in fa_modes:
-                for pol in POLICIES:
+                for pol in policies:
                     pre, dec = measure(model, size, pol, n_decode, fa, n_threads, clock)
                     res.setdefault((size, fa, pol), []).append((pre, dec))
                     print(f"  overhead {size:5d} fa={int(fa)} {pol or 'vanilla':9s} prefill {pre:7.0f} t/s"
@@ -108,7 +109,7 @@ def section_overhead(model: str, sizes, fa_modes, reps: int, n_decode: int, n_th
         for fa in fa_modes:
             base_p = statistics.median(r[0] for r in res[(size, fa, None)])
             base_d = statistics.median(r[1] for r in res[(size, fa, None)])
-            for pol in POLICIES:
+            for pol in policies:
                 p = statistics.median(r[0] for r in res[(size, fa, pol)])
                 d = statistics.median(r[1] for r in res[(size, fa, pol)])
                 out.append(f"| {size} | {'on' if fa else 'off'} | {pol or 'vanilla'} | {p:.0f} | {p / base_p:.2f} "
@@ -227,6 +228,8 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m a2sf.bench") -
     ap.add_argument("--flash-attn", nargs="+", choices=["off", "on"], default=["off", "on"],
                     help="overhead: flash attention settings to measure (long uses the first)")
     ap.add_argument("--reps", type=int, default=3, help="overhead: interleaved repetitions")
+    ap.add_argument("--policies", nargs="+", default=[p for p in POLICIES if p], metavar="POLICY",
+                    help="overhead: policies beside vanilla (name[+setting=value], e.g. a2sf+decode_scoring=eager)")
     ap.add_argument("--decode", type=int, default=64, help="overhead: decoded tokens per measurement")
     ap.add_argument("--long-tokens", type=int, default=8192, help="long: tokens through the cache")
     ap.add_argument("--long-cells", type=int, default=1024, help="long: cells of the bounded caches")
@@ -250,7 +253,8 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m a2sf.bench") -
 
     blocks = []
     if "overhead" in a.sections:
-        blocks.append(section_overhead(model, a.sizes, fa_modes, a.reps, a.decode, a.threads, a.cpu_clock))
+        blocks.append(section_overhead(model, a.sizes, fa_modes, a.reps, a.decode, a.threads, a.cpu_clock,
+                                       [None] + list(a.policies)))
     if "long" in a.sections:
         blocks.append(section_long(model, a.long_tokens, a.long_cells, a.long_policies, fa_modes[0], a.threads))
     if "kvpress" in a.sections:

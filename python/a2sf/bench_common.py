@@ -13,11 +13,18 @@ __all__ = ["open_llama", "greedy", "text_tokens"]
 
 
 def open_llama(model: str, n_ctx: int, policy, flash_attn: bool, n_threads: int, n_batch: int):
-    """An a2sf Llama with n_batch == n_ubatch and the same threads for prefill and decode."""
+    """An a2sf Llama with n_batch == n_ubatch and the same threads for prefill and decode.
+
+    ``policy`` is a policy name, optionally with ``+<setting>=<value>`` overrides
+    (``"a2sf+decode_scoring=eager"``), or None for vanilla llama.cpp."""
     from a2sf import Llama
 
+    kw = {}
+    if policy is not None and "+" in policy:
+        policy, *overrides = policy.split("+")
+        kw = dict(o.split("=", 1) for o in overrides)
     return Llama(model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, kv_policy=policy, flash_attn=flash_attn,
-                 n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
+                 n_threads=n_threads, n_threads_batch=n_threads, verbose=False, **kw)
 
 
 def greedy(llm) -> int:

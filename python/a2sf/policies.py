@@ -238,6 +238,16 @@ class KVPolicy:
         """Names of the fields this policy lets a caller set."""
         return tuple(f.name for f in dataclasses.fields(cls) if f.init)
 
+    def recent_window(self, n_kept: int) -> int:
+        """Newest positions an eviction that keeps ``n_kept`` cells of a sequence never
+        drops: ``n_recent``, or when it is None half of what is kept after the sinks
+        (the engine's ``llama_kv_policy_cfg::n_recent_for``). With None, the newest
+        ``recent_window(n_cells)`` positions of a sequence holding ``n_cells`` cells are
+        kept at any time (cells only grow between evictions)."""
+        if self.n_recent is not None:
+            return self.n_recent
+        return max(0, n_kept - min(n_kept, self.n_sink)) // 2
+
     @property
     def n_protected(self) -> int:
         """Cells of each sequence that are never evicted (sinks + recent)."""
