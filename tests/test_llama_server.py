@@ -154,11 +154,16 @@ def llama_server(server_bin, smollm2, tmp_path_factory):
             time.sleep(0.5)
         yield base, log
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc)
+
+
+def _stop(proc):
+    """Terminate a server process, killing it if it does not exit within 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def _client(base):

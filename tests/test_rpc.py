@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 
 from a2sf._llama.rpc import parse_rpc_servers, rpc_supported
-from test_llama_server import _free_port, _server_bin
+from test_llama_server import _free_port, _server_bin, _stop
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,11 +120,7 @@ def _running(args, log: Path, ready, what: str, timeout: float):
             time.sleep(0.3)
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc)
 
 
 def _answers(fn) -> bool:

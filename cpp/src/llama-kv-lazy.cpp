@@ -216,13 +216,7 @@ void llama_kv_score_access::build_store_queries(const llm_graph_context & g, con
     const int64_t n_head   = q_cur->ne[1];
     const int64_t n_tokens = q_cur->ne[2];
 
-    llm_graph_input_kv_lazy * inp = nullptr;
-    for (auto & in : g.res->inputs) {
-        if (auto * p = dynamic_cast<llm_graph_input_kv_lazy *>(in.get())) {
-            inp = p;
-            break;
-        }
-    }
+    llm_graph_input_kv_lazy * inp = find_graph_input<llm_graph_input_kv_lazy>(g.res);
     if (inp == nullptr) {
         auto in = std::make_unique<llm_graph_input_kv_lazy>(mctx, g.cparams.kv_policy);
         in->n_head = n_head;

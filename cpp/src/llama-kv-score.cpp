@@ -12,6 +12,7 @@
 // never has to be baked into the graph.
 
 #include "llama-kv-score.h"
+#include "llama-kv-side-graph.h"
 
 #include "llama-context.h"
 #include "llama-graph.h"
@@ -351,13 +352,7 @@ void llama_kv_score_access::build_update(const llm_graph_context & g, const llam
     const uint32_t s0 = mctx->sinfos[mctx->i_cur].s0;
 
     // the inputs are shared by all layers of the graph
-    llm_graph_input_kv_score * inp_score = nullptr;
-    for (auto & in : g.res->inputs) {
-        if (auto * p = dynamic_cast<llm_graph_input_kv_score *>(in.get())) {
-            inp_score = p;
-            break;
-        }
-    }
+    llm_graph_input_kv_score * inp_score = find_graph_input<llm_graph_input_kv_score>(g.res);
     if (inp_score == nullptr) {
         auto in = std::make_unique<llm_graph_input_kv_score>(mctx, cfg);
         in->n_rows = n_rows;

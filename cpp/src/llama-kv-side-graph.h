@@ -11,6 +11,18 @@
 #include <utility>
 #include <vector>
 
+// the input of type T that an earlier layer of the graph being built added (nullptr: none yet);
+// the scoring inputs are shared by every layer of a graph
+template <typename T>
+T * find_graph_input(llm_graph_result * res) {
+    for (auto & in : res->inputs) {
+        if (auto * p = dynamic_cast<T *>(in.get())) {
+            return p;
+        }
+    }
+    return nullptr;
+}
+
 struct llm_graph_input_side : public llm_graph_input_i {
     void set_input(const llama_ubatch * ubatch) override {
         GGML_UNUSED(ubatch);
