@@ -105,7 +105,7 @@ void llama_kv_score_access::before_ubatch(llama_context & lctx, const llama_ubat
     // lazy: flash attention (otherwise the probabilities are free), causal attention with
     // plain positions (the flush rebuilds the causal mask), no ALiBi (its bias is per query
     // head), the same query heads in every scored layer, one token per stream
-    bool lazy = cfg.lazy_decode() && lctx.cparams.flash_attn && lctx.cparams.causal_attn &&
+    bool lazy = cfg.lazy_decode() && !lz.no_memory && lctx.cparams.flash_attn && lctx.cparams.causal_attn &&
                 !hp.use_alibi && !ubatch.is_pos_2d();
     if (lazy) {
         const auto ids = scored_layer_ids(*kv);
@@ -174,7 +174,7 @@ void llama_kv_score_access::set_lazy_inputs(const llama_kv_cache_context * mctx,
     }
 }
 
-void llama_kv_score_access::build_store_queries(const llm_graph_context & g, const llama_kv_cache_context * mctx,
+bool llama_kv_score_access::build_store_queries(const llm_graph_context & g, const llama_kv_cache_context * mctx,
                                                 ggml_tensor * q_cur, float kq_scale, int il) {
     const llama_kv_cache & kv = *mctx->kv;
     auto & lz = kv.a2sf_units.lazy;
@@ -196,7 +196,17 @@ void llama_kv_score_access::build_store_queries(const llm_graph_context & g, con
                                                     llama_kv_lazy::N_SLOTS, kv.hparams.n_head(id), (int64_t) kv.v_cells.size());
             ggml_format_name(ring, "a2sf_query_ring_l%d", id);
             ggml_backend_buffer_ptr buf(ggml_backend_alloc_ctx_tensors_from_buft(ctx.get(), ggml_backend_buffer_get_type(layer.k->buffer)));
-            GGML_ASSERT(buf && "a2sf: no memory for the decode query rings");
+            if (!buf) {
+                // nothing was deferred yet (the rings are made at the first scored layer
+                // of the first lazy graph): score every step eagerly from now on
+                LLAMA_LOG_WARN("%s: no memory for the decode query rings; scoring every decode step\n", __func__);
+                lz.rings.clear();
+                lz.ctxs.clear();
+                lz.bufs.clear();
+                lz.no_memory = true;
+                lz.step_lazy = false;
+                return false;
+            }
             ggml_backend_buffer_clear(buf.get(), 0);
             lz.rings.push_back(ring);
             lz.ctxs.push_back(std::move(ctx));
@@ -232,6 +242,7 @@ void llama_kv_score_access::build_store_queries(const llm_graph_context & g, con
     ggml_tensor * q    = ggml_is_contiguous(q_cur) ? q_cur : ggml_cont(ctx0, q_cur);
     q = ggml_reshape_2d(ctx0, q, head_dim, n_head*n_tokens);          // row h + n_head*t
     ggml_build_forward_expand(g.gf, ggml_set_rows(ctx0, dst, q, inp->rows));
+    return true;
 }
 
 void llama_kv_score_access::drop_pending_queries(const llama_kv_cache & kv) {

@@ -294,8 +294,9 @@ void llama_kv_score_access::build_update(const llm_graph_context & g, const llam
 
     if (kv.a2sf_units.lazy.step_lazy) {
         // a lazy decode step: only keep the queries, scored later in one product
-        build_store_queries(g, mctx, q_cur, kq_scale, il);
-        return;
+        if (build_store_queries(g, mctx, q_cur, kq_scale, il)) {
+            return;
+        }
     }
 
     ggml_context * ctx0 = g.ctx0;

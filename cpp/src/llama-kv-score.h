@@ -60,6 +60,7 @@ struct llama_kv_lazy {
 
     llama_context * owner = nullptr; // the context whose scheduler flushes (set on each decode)
     bool step_lazy = false;          // the ubatch being built/computed stores its queries
+    bool no_memory = false;          // the rings could not be allocated: every step is scored eagerly
 
     // F32 [head_dim, N_SLOTS, n_head, n_stream] per scored layer (same order as kv.layers with scores)
     std::vector<ggml_tensor *>         rings;
@@ -191,7 +192,8 @@ struct llama_kv_score_access {
     // score the pending queries of every stream now (every reader of scores calls it)
     static bool flush_lazy(llama_context & lctx, llama_kv_cache & kv);
     // graph side of a lazy step: store this layer's queries in its ring
-    static void build_store_queries(const llm_graph_context & g, const llama_kv_cache_context * mctx,
+    // (false: no memory for the rings, the caller scores this step eagerly)
+    static bool build_store_queries(const llm_graph_context & g, const llama_kv_cache_context * mctx,
                                     ggml_tensor * q_cur, float kq_scale, int il);
     // fill the ring rows of a lazy ubatch and record its queries (seq, position, cell written)
     static void set_lazy_inputs(const llama_kv_cache_context * mctx, const struct llama_ubatch * ubatch,
