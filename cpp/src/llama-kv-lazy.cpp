@@ -59,28 +59,6 @@ public:
     const llama_kv_policy_cfg cfg;
 };
 
-// alpha^k for k = 0..n
-std::vector<float> powers(float alpha, size_t n) {
-    std::vector<float> pw(n + 1, 1.0f);
-    for (size_t k = 1; k <= n; ++k) {
-        pw[k] = pw[k - 1]*alpha;
-    }
-    return pw;
-}
-
-// the last rows of a ring that weigh anything: as the bounded prefill scoring
-// (llama-kv-score.cpp), rows older than k steps add < n_group*1e-7 to any score
-size_t rows_that_count(float alpha, size_t n_used) {
-    if (alpha >= 1.0f) {
-        return n_used;
-    }
-    if (alpha <= 0.0f) {
-        return 1;
-    }
-    const double k = std::ceil(std::log(1e-7*(1.0 - alpha))/std::log((double) alpha));
-    return std::min(n_used, (size_t) std::max(1.0, k));
-}
-
 } // namespace
 
 bool llama_kv_score_access::lazy_step(const llama_kv_cache_context * mctx) {
@@ -106,7 +84,7 @@ void llama_kv_score_access::before_ubatch(llama_context & lctx, const llama_ubat
     // plain positions (the flush rebuilds the causal mask), no ALiBi (its bias is per query
     // head), the same query heads in every scored layer, one token per stream
     bool lazy = cfg.lazy_decode() && !lz.no_memory && lctx.cparams.flash_attn && lctx.cparams.causal_attn &&
-                !hp.use_alibi && !ubatch.is_pos_2d();
+                !uses_alibi(lctx) && !ubatch.is_pos_2d();
     if (lazy) {
         const auto ids = scored_layer_ids(*kv);
         for (int32_t il : ids) {
@@ -255,27 +233,27 @@ void llama_kv_score_access::drop_pending_queries(const llama_kv_cache & kv) {
 
 void llama_kv_score_access::before_cells_change(const llama_kv_cache & kv, int32_t seq_id, int32_t p0, int32_t p1) {
     auto & lz = kv.a2sf_units.lazy;
-    if (!lz.pending()) {
-        return;
+    if (!lz.pending() || seq_id >= LLAMA_MAX_SEQ) {
+        return; // (an out-of-range seq_id is llama.cpp's to refuse)
     }
     if (lz.owner == nullptr) {
         drop_pending_queries(kv);
         return;
     }
+    // the cells' per-sequence position sets answer "any cell of seq in [lo, hi)" without a
+    // scan: llama-cpp-python calls seq_rm on an empty range before every eval
     const llama_pos lo = p0 < 0 ? 0 : p0;
     const llama_pos hi = p1 < 0 ? std::numeric_limits<llama_pos>::max() : p1;
     bool touched = false;
-    for (size_t s = 0; s < lz.pos.size() && !touched; ++s) {
+    for (size_t s = 0; s < lz.pos.size() && !touched && lo < hi; ++s) {
         if (lz.pos[s].empty()) {
             continue;
         }
         const auto & cells = kv.v_cells[s];
-        for (uint32_t c = 0; c < cells.size() && !touched; ++c) {
-            if (cells.is_empty(c) || (seq_id >= 0 && !cells.seq_has(c, seq_id))) {
-                continue;
-            }
-            const llama_pos p = cells.pos_get(c);
-            touched = p >= lo && p < hi;
+        for (llama_seq_id sid = seq_id < 0 ? 0 : seq_id; sid < (seq_id < 0 ? LLAMA_MAX_SEQ : seq_id + 1) && !touched; ++sid) {
+            const auto & ps = cells.seq_pos_get(sid);
+            const auto it = ps.lower_bound({ lo, 0 });
+            touched = it != ps.end() && it->first < hi;
         }
     }
     if (touched) {
@@ -289,7 +267,6 @@ bool llama_kv_score_access::flush_lazy(llama_context & lctx, llama_kv_cache & kv
         return true;
     }
     const auto & cfg = lctx.cparams.kv_policy;
-    const float alpha = cfg.params.forgetting_factor;
     const llama_hparams & hp = kv.hparams;
     const auto ids = scored_layer_ids(kv);
 
@@ -311,11 +288,11 @@ bool llama_kv_score_access::flush_lazy(llama_context & lctx, llama_kv_cache & kv
         const auto & cells = kv.v_cells[strm];
 
         const size_t  n_used = pos.size();
-        const size_t  n_rows = rows_that_count(alpha, n_used);
+        const size_t  n_rows = (size_t) cfg.rows_that_count((int64_t) n_used);
         const size_t  first  = n_used - n_rows;
         const int64_t n_kv   = std::max<int64_t>(1, cells.used_max_p1());
 
-        const std::vector<float> pw = powers(alpha, n_used);
+        const std::vector<float> pw = cfg.alpha_powers(n_used);
 
         // the causal mask each query had: F32 [n_kv, n_rows]
         std::vector<float> mask((size_t) n_kv*n_rows, -INFINITY);

@@ -6,6 +6,9 @@
 
 #include "llama-kv-policy.h"
 
+#include <cmath>
+#include <vector>
+
 // The engine's defaults: what llama_kv_policy_default_params() returns and what a
 // context starts with (kind NONE: vanilla llama.cpp). Python's a2sf.policies.SETTINGS
 // holds the same defaults (tests/test_engine_core.py checks that they agree).
@@ -45,6 +48,31 @@ struct llama_kv_policy_cfg {
         const int32_t n_sink = n_cells < params.n_sink ? n_cells : params.n_sink;
         const int32_t kept   = n_cells - n_free - n_sink;
         return kept > 0 ? kept/2 : 0;
+    }
+
+    // Bounded scoring for alpha < 1: of n queries of one sequence, query t weighs
+    // alpha^(n-1-t), so the ones before the last k add at most n_group*alpha^k/(1-alpha)
+    // < n_group*1e-7 to any cell's score. The last k of n that count (TOVA: 1; H2O: all).
+    int64_t rows_that_count(int64_t n) const {
+        const float alpha = params.forgetting_factor;
+        if (alpha >= 1.0f) {
+            return n;
+        }
+        if (alpha <= 0.0f) {
+            return n < 1 ? n : 1;
+        }
+        const double k = std::ceil(std::log(1e-7*(1.0 - alpha))/std::log((double) alpha));
+        const int64_t ki = k < 1.0 ? 1 : (int64_t) k;
+        return n < ki ? n : ki;
+    }
+
+    // alpha^k for k = 0..n: the query weights and cell decays of n queries
+    std::vector<float> alpha_powers(size_t n) const {
+        std::vector<float> pw(n + 1, 1.0f);
+        for (size_t k = 1; k <= n; ++k) {
+            pw[k] = pw[k - 1]*params.forgetting_factor;
+        }
+        return pw;
     }
 
     // decode steps with flash attention store their queries for one batched product

@@ -30,19 +30,13 @@
 
 namespace {
 
-// Bounded prefill scoring: a query's weight is alpha^(later queries of its sequence), so
-// in a ubatch with one sequence per stream, query row t weighs alpha^(n-1-t). The rows
-// before the last k add at most n_group * alpha^k / (1 - alpha) < n_group * 1e-7 to any
-// cell's score: only the last k rows are scored (TOVA: the last one; H2O: all).
-int64_t score_rows(float alpha, const llama_ubatch & ub, int64_t n_tps, int64_t n_stream) {
-    if (alpha >= 1.0f || ub.n_seqs_unq != (uint32_t) n_stream) {
+// Bounded prefill scoring: in a ubatch with one sequence per stream, query row t weighs
+// alpha^(n-1-t), so only the last rows that count are scored (llama_kv_policy_cfg::rows_that_count).
+int64_t score_rows(const llama_kv_policy_cfg & cfg, const llama_ubatch & ub, int64_t n_tps, int64_t n_stream) {
+    if (ub.n_seqs_unq != (uint32_t) n_stream) {
         return n_tps; // several sequences per stream: their weights interleave
     }
-    if (alpha <= 0.0f) {
-        return 1;
-    }
-    const double k = std::ceil(std::log(1e-7*(1.0 - alpha))/std::log((double) alpha));
-    return std::min<int64_t>(n_tps, std::max<int64_t>(1, (int64_t) k));
+    return cfg.rows_that_count(n_tps);
 }
 
 
@@ -61,7 +55,7 @@ public:
         return !llama_kv_score_access::lazy_step(mctx) &&
                w->ne[0]*n_stream == (int64_t) params.ubatch.n_tokens &&
                m->ne[0] == (int64_t) mctx->get_n_kv() &&
-               score_rows(cfg.params.forgetting_factor, params.ubatch, w->ne[0], n_stream) == n_rows;
+               score_rows(cfg, params.ubatch, w->ne[0], n_stream) == n_rows;
     }
 
     int64_t n_rows = 0; // query rows per stream that the graph scores (score_rows)
@@ -98,7 +92,6 @@ ggml_tensor * find_soft_max(ggml_tensor * t, int depth) {
 
 void llama_kv_score_access::set_score_inputs(const llama_kv_cache_context * mctx, const llama_ubatch * ubatch,
                                              const llama_kv_policy_cfg & cfg, ggml_tensor * w, ggml_tensor * m) {
-    const float alpha = cfg.params.forgetting_factor;
     GGML_ASSERT(ggml_backend_buffer_is_host(w->buffer));
     GGML_ASSERT(ggml_backend_buffer_is_host(m->buffer));
 
@@ -115,11 +108,7 @@ void llama_kv_score_access::set_score_inputs(const llama_kv_cache_context * mctx
     float * md = (float *) m->data;
 
     // alpha^k for every k a ubatch can need
-    std::vector<float> pw(ubatch->n_tokens + 1);
-    pw[0] = 1.0f;
-    for (size_t k = 1; k < pw.size(); ++k) {
-        pw[k] = pw[k - 1]*alpha;
-    }
+    const std::vector<float> pw = cfg.alpha_powers(ubatch->n_tokens);
 
     std::vector<llama_seq_id> seqs;     // sequences of the stream's tokens
     std::vector<int32_t>      seq_n;    // number of tokens of each
@@ -304,7 +293,7 @@ void llama_kv_score_access::build_update(const llm_graph_context & g, const llam
     // the query rows that count (all but the far past of a long ubatch for alpha < 1)
     const int64_t n_stream_q = k->ne[3];
     const int64_t n_tps_all  = q_cur->ne[2]/n_stream_q;
-    const int64_t n_rows     = score_rows(cfg.params.forgetting_factor, g.ubatch, n_tps_all, n_stream_q);
+    const int64_t n_rows     = score_rows(cfg, g.ubatch, n_tps_all, n_stream_q);
     const int64_t row0       = n_tps_all - n_rows;
 
     // the probabilities [n_kv, n_rows, n_head, n_stream]

@@ -19,10 +19,14 @@ def open_llama(model: str, n_ctx: int, policy, flash_attn: bool, n_threads: int,
     (``"a2sf+decode_scoring=eager"``), or None for vanilla llama.cpp."""
     from a2sf import Llama
 
+    from .policies import SETTINGS_BY_NAME
+
     kw = {}
     if policy is not None and "+" in policy:
         policy, *overrides = policy.split("+")
-        kw = dict(o.split("=", 1) for o in overrides)
+        for name, text in (o.split("=", 1) for o in overrides):
+            kind = SETTINGS_BY_NAME[name].type  # the table row's type: "n_recent=64" is an int
+            kw[name] = text.lower() == "true" if kind is bool else kind(text)
     return Llama(model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, kv_policy=policy, flash_attn=flash_attn,
                  n_threads=n_threads, n_threads_batch=n_threads, verbose=False, **kw)
 
