@@ -234,10 +234,21 @@ def test_austen_is_found_beside_the_repository():
     assert (austen_dir() / "emma.txt").is_file()
 
 
-def test_windows_are_one_per_long_document(runner):
+def test_windows_are_one_per_long_document_first(runner):
     texts = {"b": "word " * 400, "a": "short", "c": "other " * 400}
-    w = make_windows(texts, lambda s: runner.llm.tokenize(s.encode()), 64, 16, 5)
+    w = make_windows(texts, lambda s: runner.llm.tokenize(s.encode()), 64, 16, 2)
     assert [name for name, _ in w] == ["b", "c"] and all(len(t) == 80 for _, t in w)
+
+
+def test_more_windows_than_documents_take_each_documents_next_span(runner):
+    """Austen has six novels: windows past the sixth are the next non-overlapping spans,
+    each starting with the document's first token (BOS) as a fresh sequence."""
+    tok = lambda s: runner.llm.tokenize(s.encode())  # noqa: E731
+    texts = {"b": "word " * 400, "a": "short", "c": "other " * 400}
+    w = make_windows(texts, tok, 64, 16, 5)
+    assert [name for name, _ in w] == ["b", "c", "b#1", "c#1", "b#2"] and all(len(t) == 80 for _, t in w)
+    b = tok(texts["b"])
+    assert w[0][1] == b[:80] and w[2][1] == b[:1] + b[80:159] and w[4][1] == b[:1] + b[159:238]
 
 
 def test_plots_and_readme_section(ppl_run, tmp_path):

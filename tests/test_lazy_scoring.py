@@ -1,5 +1,6 @@
-"""Lazy decode scoring (cpp/src/llama-kv-lazy.cpp): with flash attention, decode steps
-store their queries and one batched product scores them when the scores are needed.
+"""Lazy scoring (cpp/src/llama-kv-lazy.cpp): with flash attention, decode steps (and,
+for alpha < 1, prefill ubatches) store their queries and one batched product scores
+them when the scores are needed.
 
 It must give the eager path's scores (every decode step scored in its own graph) and
 the numpy reference's, for every scored policy and granularity, across the events
@@ -53,8 +54,12 @@ def test_lazy_scores_equal_eager_and_the_reference(core, tiny_f32, policy, kw, g
         llm.close()
     (pe, se, he, ste), (pl, sl, hl, stl) = got["eager"], got["lazy"]
     assert ste["lazy_queries"] == 0 and ste["lazy_flushes"] == 0
-    # every decode step went through the ring: one flush when it filled, one for the read
-    assert stl["lazy_queries"] == N_DECODE and stl["lazy_flushes"] == 2
+    if make_policy(policy, **kw).forgetting_factor < 1:
+        # a window ring: the prompt's ubatches too, and no flush but the read's
+        assert stl["lazy_queries"] == N_PROMPT + N_DECODE and stl["lazy_flushes"] == 1
+    else:
+        # every decode step went through the ring: one flush when it filled, one for the read
+        assert stl["lazy_queries"] == N_DECODE and stl["lazy_flushes"] == 2
     np.testing.assert_array_equal(pl, pe)
     np.testing.assert_allclose(sl, se, **SAME)
     np.testing.assert_allclose(hl, he, **SAME)
@@ -63,6 +68,40 @@ def test_lazy_scores_equal_eager_and_the_reference(core, tiny_f32, policy, kw, g
     fr = ReferenceLlama(tiny_f32).forward(tokens)
     ub = [8, 8, 8] + [1] * N_DECODE
     ref = accumulate_scores(fr.probs, fr.v_l1, ub, pol.forgetting_factor, pol.value_aware)
+    np.testing.assert_allclose(sl[0], ref[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("n_ubatch", [8, 128])
+@pytest.mark.parametrize("policy,kw", [("a2sf", {"forgetting_factor": 0.5}), ("tova", {})], ids=["a2sf", "tova"])
+def test_a_long_prompt_is_scored_once_over_its_last_rows(core, tiny_f32, policy, kw, n_ubatch):
+    """alpha < 1: a prompt of 200 tokens goes through a 64-query window ring (wrapping
+    three times; with 128-token ubatches a ubatch is longer than the ring) and is scored
+    in one product at the read, as eager scoring and the numpy reference score it."""
+    n_prompt, n_decode = 200, 20
+    tokens = _tokens(n_prompt + n_decode, seed=5)
+    got = {}
+    for mode in ("eager", "lazy"):
+        llm = Llama(tiny_f32, n_ctx=256, n_batch=128, n_ubatch=n_ubatch, n_threads=1, n_threads_batch=1,
+                    type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, flash_attn=True, verbose=False,
+                    decode_scoring=mode, kv_policy=policy, **kw)
+        _feed(llm, tokens, n_prompt)
+        s = llm.kv_scores()
+        got[mode] = (s.positions.copy(), s.scores.astype(np.float64), llm.kv_stats())
+        llm.close()
+    (pe, se, ste), (pl, sl, stl) = got["eager"], got["lazy"]
+    assert stl["lazy_queries"] == n_prompt + n_decode and stl["lazy_flushes"] == 1
+    np.testing.assert_array_equal(pl, pe)
+    np.testing.assert_allclose(sl, se, **SAME)
+    pol = make_policy(policy, **kw)
+    fr = ReferenceLlama(tiny_f32).forward(tokens)
+    ub, left = [], n_prompt
+    while left:
+        call = min(128, left)
+        left -= call
+        while call:
+            ub.append(min(n_ubatch, call))
+            call -= ub[-1]
+    ref = accumulate_scores(fr.probs, fr.v_l1, ub + [1] * n_decode, pol.forgetting_factor, pol.value_aware)
     np.testing.assert_allclose(sl[0], ref[0], rtol=1e-4, atol=1e-4)
 
 
@@ -163,7 +202,8 @@ def test_two_sequences_decoding_lazily_match_the_reference(core, tiny_f32, kv_un
             np.testing.assert_allclose(got[0], exp[0], rtol=1e-4, atol=1e-4, err_msg=f"sequence {k}")
             np.testing.assert_allclose(got, exp, rtol=2e-2, atol=5e-3, err_msg=f"sequence {k}")
         stats = core.stats(c.addr)
-        assert stats["n_lazy_queries"] == 8
+        # alpha < 1: the prompts went through the window ring as well as the decode steps
+        assert stats["n_lazy_queries"] == len(SEQ0) + len(SEQ1) + 8
     finally:
         c.close()
 

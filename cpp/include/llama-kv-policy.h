@@ -38,12 +38,13 @@ enum llama_kv_granularity {
 // n_recent: the recent window is half of what each eviction keeps
 #define LLAMA_KV_RECENT_HALF (-1)
 
-// How decode steps are scored when flash attention is on (it never materialises the
+// How queries are scored when flash attention is on (it never materialises the
 // attention probabilities, so scoring needs its own K.q per layer). Both are exact.
 enum llama_kv_decode_scoring {
-    LLAMA_KV_DECODE_SCORING_EAGER = 0, // every decode step runs its own K.q and softmax per scored layer
-    LLAMA_KV_DECODE_SCORING_LAZY  = 1, // decode steps store Q; one batched product scores them when
-                                       // the scores are needed (eviction, reads, state, memory ops)
+    LLAMA_KV_DECODE_SCORING_EAGER = 0, // every ubatch runs its own K.q and softmax per scored layer
+    LLAMA_KV_DECODE_SCORING_LAZY  = 1, // decode steps (and for alpha < 1 prefill ubatches) store Q; one
+                                       // batched product scores them when the scores are needed
+                                       // (eviction, reads, state, memory ops)
 };
 
 struct llama_kv_policy_params {
@@ -70,8 +71,8 @@ struct llama_kv_policy_stats {
     int64_t n_move_events;    // granularity LAYER/HEAD and compression: graphs that moved K/V rows
     int64_t n_bytes_moved;    // K + V bytes they moved
     int64_t t_move_us;        // time spent in them (included in t_evict_us when eviction moved)
-    int64_t n_lazy_flushes;   // lazy decode scoring: batched products that scored pending decode queries
-    int64_t n_lazy_queries;   // decode queries they scored (per stream)
+    int64_t n_lazy_flushes;   // lazy scoring: batched products that scored pending queries
+    int64_t n_lazy_queries;   // queries they covered (decode steps and prefill tokens, per stream)
     int64_t t_lazy_us;        // time spent in them
 };
 

@@ -40,34 +40,49 @@ struct llama_kv_score_state {
     int64_t n_move_events   = 0; // graphs that moved rows of single layers/heads
     int64_t n_bytes_moved   = 0; // K + V bytes they moved
     int64_t t_move_us       = 0;
-    int64_t n_lazy_flushes  = 0; // batched products that scored pending decode queries
-    int64_t n_lazy_queries  = 0; // decode queries they scored
+    int64_t n_lazy_flushes  = 0; // batched products that scored pending queries
+    int64_t n_lazy_queries  = 0; // queries they covered (decode steps and prefill tokens)
     int64_t t_lazy_us       = 0;
 
     std::mt19937 rng{0};
 };
 
-// Lazy decode scoring (llama-kv-lazy.cpp). With flash attention the graph never holds
-// the attention probabilities, so eager scoring runs one more K.q and softmax per
-// decode step: one more pass over K per token. Between the events that change cells
-// (eviction, compaction, llama_memory_seq_*, state save/load) no cell is removed, so
-// a decode query's attention row can still be computed later: a decode ubatch only
-// stores its post-RoPE Q in a ring (one per scored layer, on the layer's backend), and
-// one batched product per stream scores the ring's queries when the scores are needed
-// or the ring is full. K is read once per flush, not once per token.
+// Lazy scoring (llama-kv-lazy.cpp). With flash attention the graph never holds the
+// attention probabilities, so eager scoring runs one more K.q and softmax per step:
+// one more pass over K per token, and in prefill one more KQ product per ubatch.
+// Between the events that change cells (eviction, compaction, llama_memory_seq_*,
+// state save/load) no cell is removed, so a query's attention row can still be
+// computed later: a lazy ubatch only stores its post-RoPE Q in a ring (one per scored
+// layer, on the layer's backend), and one batched product per stream scores the
+// ring's queries when the scores are needed. K is read once per flush, not per token.
+//
+// Two ring shapes:
+// - a window (alpha < 1, when its queries fit): a query followed by k later ones
+//   weighs alpha^k, below the bounded-scoring tolerance once k >= rows_that_count, so
+//   the ring keeps only the last queries, never needs a flush to make room, and also
+//   takes prefill ubatches: a prompt of many ubatches is scored once, over its last
+//   rows that count, instead of once per ubatch;
+// - a buffer of N_SLOTS_BUFFER decode queries (alpha = 1: every query keeps its
+//   weight), flushed when full.
 struct llama_kv_lazy {
-    static constexpr uint32_t N_SLOTS = 64; // queries a ring holds per stream
+    static constexpr uint32_t N_SLOTS_BUFFER = 64;  // queries a buffer ring holds per stream
+    static constexpr uint32_t N_SLOTS_WINDOW = 512; // the largest window ring
 
     llama_context * owner = nullptr; // the context whose scheduler flushes (set on each decode)
     bool step_lazy = false;          // the ubatch being built/computed stores its queries
     bool no_memory = false;          // the rings could not be allocated: every step is scored eagerly
 
-    // F32 [head_dim, N_SLOTS, n_head, n_stream] per scored layer (same order as kv.layers with scores)
+    uint32_t n_slots = 0;            // queries a ring holds per stream (chosen by before_ubatch)
+    bool     window  = false;        // the rings are windows (see above)
+
+    // F32 [head_dim, n_slots, n_head, n_stream] per scored layer (same order as kv.layers with scores)
     std::vector<ggml_tensor *>         rings;
     std::vector<ggml_context_ptr>      ctxs;
     std::vector<ggml_backend_buffer_ptr> bufs;
 
-    // per stream: the ring's sequence, its queries' positions, the cells written since the last flush
+    // per stream: the ring's sequence, the positions of its queries since the last flush
+    // (query t is in slot t % n_slots; at most one per cell, as no cell is freed between
+    // flushes), the cells written since the last flush
     std::vector<int32_t>               seq;
     std::vector<std::vector<int32_t>>  pos;
     std::vector<std::vector<uint32_t>> written;
@@ -200,6 +215,11 @@ struct llama_kv_score_access {
                                 const llama_kv_policy_cfg & cfg, ggml_tensor * rows);
     // whether the ubatch being built is a lazy step (graph reuse compares it)
     static bool lazy_step(const llama_kv_cache_context * mctx);
+    // whether a lazy graph built for n_store stored tokens and rings of n_slots serves this ubatch
+    static bool lazy_graph_reusable(const llama_kv_cache_context * mctx, uint32_t n_tokens, int64_t n_store, int64_t n_slots);
+    // the rings' shape for this policy and cache: n_slots per stream, window or buffer (llama_kv_lazy)
+    static void lazy_ring_shape(const llama_kv_policy_cfg & cfg, const llama_kv_cache & kv,
+                                const std::vector<int32_t> & ids, uint32_t & n_slots, bool & window);
     // one small graph on the context's scheduler (llama-kv-move.cpp)
     static bool compute_side_graph(llama_context & lctx, const char * what,
                                    const std::function<void(ggml_context *, ggml_cgraph *, llm_graph_input_side &)> & build);

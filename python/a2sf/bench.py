@@ -17,7 +17,10 @@ long
     cache holding all of them against bounded caches of ``long-cells`` cells
     (eviction on). Total tokens/s, tokens/s over the last 1024 tokens, per-1024
     segment speeds (flatness), KV-cache bytes, and the eviction events: count,
-    median and max time per event, share of the run's time.
+    median and max time per event, share of the run's time. With
+    ``--long-extend N`` the bounded caches go on to N tokens (32768: past
+    SmolLM2's 8192 training context, which positions compaction allows) and a
+    second table shows their speed per eighth of the stream.
 kvpress
     The same workload through NVIDIA kvpress on HF transformers (see
     a2sf/bench_kvpress.py; needs requirements-eval.txt).
@@ -67,6 +70,8 @@ def measure(model: str, n_ctx: int, policy, n_decode: int, flash_attn: bool, n_t
         toks = text_tokens(llm, depth)
         t0 = clock()
         llm.eval(toks)
+        if policy is not None:
+            llm.kv_scores()  # lazy scoring: the prompt's deferred product is inside the prefill timing
         t_prefill = clock() - t0
         tok = greedy(llm)
         t0 = clock()
@@ -74,7 +79,7 @@ def measure(model: str, n_ctx: int, policy, n_decode: int, flash_attn: bool, n_t
             llm.eval([tok])
             tok = greedy(llm)
         if policy is not None:
-            llm.kv_scores()  # lazy decode scoring: the pending queries are scored inside the timing
+            llm.kv_scores()  # lazy scoring: the pending decode queries are scored inside the timing
         t_decode = clock() - t0
         if policy is not None:
             assert llm.kv_stats()["evictions"] == 0, "the overhead benchmark must not evict"
@@ -102,8 +107,8 @@ def section_overhead(model: str, sizes, fa_modes, reps: int, n_decode: int, n_th
         "",
         f"_model {Path(model).name}, threads={n_threads}, {'CPU time of the computing thread' if cpu_clock else 'wall time'}, "
         f"medians of {reps} interleaved runs; prefill of "
-        f"size-{n_decode + 8} tokens, then decode of {n_decode} tokens without eviction, ending with a "
-        f"kv_scores() read (so lazy decode scoring's batched product is inside the timing)_",
+        f"size-{n_decode + 8} tokens, then decode of {n_decode} tokens without eviction, each ending with a "
+        f"kv_scores() read (so lazy scoring's batched products are inside the timings)_",
         "",
         "| cells | flash attn | policy | prefill t/s | ratio | decode t/s | ratio |",
         "|---:|---|---|---:|---:|---:|---:|",
@@ -133,6 +138,15 @@ class LongRun:
     cells_used: int = 0
     n_fed: int = 0
     score_share: float = 0.0  # part of kv_bytes that holds scores and value norms
+    # (fed, seconds, events, cells evicted, cells used) at the end of each segment
+    marks: List[tuple] = field(default_factory=list)
+
+    def upto(self, n: int) -> "LongRun":
+        """The same run as if it had stopped after the segment ending at n tokens."""
+        i = next(k for k, m in enumerate(self.marks) if m[0] >= n)
+        fed, secs, n_ev, evicted, used = self.marks[i]
+        return LongRun(self.label, self.n_cells, self.kv_bytes, secs, self.segments[:i + 1],
+                       self.event_seconds[:n_ev], evicted, used, fed, self.score_share, self.marks[:i + 1])
 
 
 LONG_PROMPT = "Write a very long story about a lighthouse keeper and the sea, chapter after chapter.\n\n"
@@ -169,30 +183,46 @@ def long_generation(model: str, n_tokens: int, n_cells: int, policy, flash_attn:
                 now = time.perf_counter()
                 run.segments.append((fed - seg_start) / (now - t_seg))
                 t_seg, seg_start = now, fed
+                if policy is not None:
+                    st = llm.kv_stats()
+                    run.marks.append((fed, now - t_start, len(run.event_seconds), st["cells_evicted"],
+                                      st["cells_used"]))
+                else:
+                    run.marks.append((fed, now - t_start, 0, 0, fed))
         run.seconds = time.perf_counter() - t_start
         run.n_fed = fed
-        if policy is not None:
-            st = llm.kv_stats()
-            run.cells_evicted, run.cells_used = st["cells_evicted"], st["cells_used"]
-        else:
-            run.cells_used = fed
+        run.cells_evicted, run.cells_used = run.marks[-1][3], run.marks[-1][4]
         return run
     finally:
         llm.close()
 
 
-def section_long(model: str, n_tokens: int, n_cells: int, policies, flash_attn: bool, n_threads: int) -> List[str]:
+def section_long(model: str, n_tokens: int, n_cells: int, policies, flash_attn: bool, n_threads: int,
+                 n_extend: int = 0) -> List[str]:
+    """Vanilla and the bounded caches over n_tokens; with n_extend > n_tokens the bounded
+    caches go on to n_extend tokens (one run: the first table is its first n_tokens), and
+    a second table shows their tokens/s over the whole stream."""
     runs = [long_generation(model, n_tokens, n_tokens, None, flash_attn, n_threads)]
     print(f"  long vanilla {n_tokens} cells: {n_tokens / runs[0].seconds:.1f} t/s", file=sys.stderr, flush=True)
+    extended = []
     for pol in policies:
-        runs.append(long_generation(model, n_tokens, n_cells, pol, flash_attn, n_threads))
-        print(f"  long {pol} {n_cells} cells: {n_tokens / runs[-1].seconds:.1f} t/s", file=sys.stderr, flush=True)
+        r = long_generation(model, max(n_tokens, n_extend), n_cells, pol, flash_attn, n_threads)
+        extended.append(r)
+        runs.append(r.upto(n_tokens))
+        print(f"  long {pol} {n_cells} cells: {r.n_fed / r.seconds:.1f} t/s over {r.n_fed}", file=sys.stderr, flush=True)
+    out = _long_table(runs, n_tokens, flash_attn, n_threads, Path(model).name)
+    if n_extend > n_tokens:
+        out += ["", *_long_extension(extended, n_extend)]
+    return out
+
+
+def _long_table(runs: List[LongRun], n_tokens: int, flash_attn: bool, n_threads: int, model_name: str) -> List[str]:
     base = runs[0]
     base_tps = base.n_fed / base.seconds
     out = [
         f"### Generating {n_tokens} tokens: vanilla full cache vs a bounded cache",
         "",
-        f"_model {Path(model).name}, threads={n_threads}, flash_attn={flash_attn}, greedy, one token per decode "
+        f"_model {model_name}, threads={n_threads}, flash_attn={flash_attn}, greedy, one token per decode "
         f"call after a {len(LONG_PROMPT)}-character prompt; KV bytes = F16 K+V + F32 scores and value norms "
         f"({100 * base.score_share:.1f}% of it, allocated in every a2sf cache)_",
         "",
@@ -221,6 +251,27 @@ def section_long(model: str, n_tokens: int, n_cells: int, policies, flash_attn: 
     return out
 
 
+def _long_extension(runs: List[LongRun], n_extend: int) -> List[str]:
+    """tokens/s of the bounded caches per part (about an eighth, whole 1024-token segments)."""
+    part = max(1024, (n_extend // 8) // 1024 * 1024)
+    n_parts = -(-n_extend // part)
+    out = [f"Bounded caches on to {n_extend} tokens (the same runs), tokens/s per {part}-token part "
+           f"(column: tokens at its end), and eviction time over the whole stream:", "",
+           "| policy | " + " | ".join(f"{min((i + 1) * part, n_extend) / 1024:g}k" for i in range(n_parts))
+           + " | last/first part | evictions | eviction share |",
+           "|---|" + "---:|" * n_parts + "---:|---:|---:|"]
+    for r in runs:
+        ends = [r.upto(min((i + 1) * part, r.n_fed)) for i in range(n_parts)]
+        tps, prev = [], (0, 0.0)
+        for e in ends:
+            tps.append((e.n_fed - prev[0]) / (e.seconds - prev[1]))
+            prev = (e.n_fed, e.seconds)
+        ev = r.event_seconds
+        out.append(f"| {r.label} | " + " | ".join(f"{t:.0f}" for t in tps)
+                   + f" | {tps[-1] / tps[0]:.2f} | {len(ev)} | {100 * sum(ev) / r.seconds:.2f}% |")
+    return out
+
+
 def main(argv: Optional[List[str]] = None, prog: str = "python -m a2sf.bench") -> int:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -237,6 +288,8 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m a2sf.bench") -
     ap.add_argument("--long-tokens", type=int, default=8192, help="long: tokens through the cache")
     ap.add_argument("--long-cells", type=int, default=1024, help="long: cells of the bounded caches")
     ap.add_argument("--long-policies", nargs="+", default=LONG_POLICIES, help="long: bounded-cache policies")
+    ap.add_argument("--long-extend", type=int, default=0,
+                    help="long: the bounded caches go on to this many tokens (vanilla stops at --long-tokens)")
     ap.add_argument("--kvpress-context", type=int, default=1024, help="kvpress: context tokens")
     ap.add_argument("--kvpress-budget", type=int, default=256, help="kvpress: cells kept")
     ap.add_argument("--threads", type=int, default=2)
@@ -259,7 +312,8 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m a2sf.bench") -
         blocks.append(section_overhead(model, a.sizes, fa_modes, a.reps, a.decode, a.threads, a.cpu_clock,
                                        [None] + list(a.policies)))
     if "long" in a.sections:
-        blocks.append(section_long(model, a.long_tokens, a.long_cells, a.long_policies, fa_modes[0], a.threads))
+        blocks.append(section_long(model, a.long_tokens, a.long_cells, a.long_policies, fa_modes[0], a.threads,
+                                   a.long_extend))
     if "kvpress" in a.sections:
         from .bench_kvpress import section_kvpress
 

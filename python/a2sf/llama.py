@@ -264,7 +264,7 @@ class Llama(InputGuards, PositionLimit, PositionCompaction, PrefixReuse, PromptC
         """Eviction statistics: evictions, cells_evicted, cells_used, evict_seconds;
         move_events, bytes_moved, move_seconds (granularity layer/head and compression
         moving K/V rows between cells); lazy_flushes, lazy_queries, lazy_seconds (with
-        flash attention: the batched products that scored the decode queries)."""
+        flash attention: the batched products that scored the deferred queries)."""
         s = _core().stats(self._a2sf_ctx())
         return {
             "evictions": int(s["n_evictions"]),

@@ -176,9 +176,10 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("mean_attention", bool, False, "rank by accumulated attention divided by the number of "
             "queries that saw the token (kvpress's ObservedAttention)",
             field="mean_attention", native="mean_attention"),
-    Setting("decode_scoring", str, "lazy", "with flash attention, how decode steps are scored (both exact): "
-            "lazy (store each step's queries, score them in one batched product when the scores are "
-            "needed) or eager (one extra K.q and softmax per step)",
+    Setting("decode_scoring", str, "lazy", "with flash attention, how queries are scored (both exact): "
+            "lazy (store the queries of decode steps, and for alpha < 1 of prefill ubatches too, and "
+            "score them in one batched product when the scores are needed) or eager (one extra K.q "
+            "and softmax per ubatch)",
             field="decode_scoring", native="decode_scoring", choices=("eager", "lazy")),
     Setting("positions", str, None, "position compaction for endless streams: cache (renumber the kept "
             "cells after each eviction, positions stay within the cache), training (only before the "

@@ -70,6 +70,8 @@ def build_parser(prog: str = "python -m a2sf.eval") -> argparse.ArgumentParser:
     p.add_argument("--block", type=int, default=25, help="questions per result record")
     p.add_argument("--chunk-min", type=int, default=8,
                    help="smallest context chunk between evictions (bounds decodes for short contexts)")
+    p.add_argument("--granularities", nargs="+", default=["token"], choices=["token", "layer", "head"],
+                   help="scored policies: who keeps its own tokens (streaming/random: token only)")
 
     p = sub.add_parser("needle", help="pass-key retrieval in the essays")
     _common(p)
@@ -90,6 +92,11 @@ def build_parser(prog: str = "python -m a2sf.eval") -> argparse.ArgumentParser:
     p.add_argument("--continuation", type=int, default=128)
     p.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.5])
     p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--engines", nargs="+", default=["kvpress", "llama.cpp", "llama.cpp-oneshot"],
+                   choices=["kvpress", "llama.cpp", "llama.cpp-oneshot"],
+                   help="which side to run (kvpress alone: compare with `ppl` records of the same windows)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="kvpress presses and engine policies to run (default: all of each side)")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("plots", help="PNG plots from the results")
@@ -185,8 +192,9 @@ def cmd_mc(args) -> int:
     model = _model_path(args.model)
     runner = _runner(args, model)
     store = ResultStore(args.out / "mc.jsonl")
-    configs = build_sweep(args.policies, args.ratios, args.alphas, args.alpha_ratio)
-    main_configs = build_sweep(args.policies, args.ratios, [], None)
+    configs = build_sweep(args.policies, args.ratios, args.alphas, args.alpha_ratio,
+                          granularities=args.granularities)
+    main_configs = build_sweep(args.policies, args.ratios, [], None, granularities=args.granularities)
     # every task and shot count at the main budgets first, the alpha sweep after
     phases = [main_configs, [c for c in configs if c not in main_configs]]
     total = 0

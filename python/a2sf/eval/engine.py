@@ -115,8 +115,9 @@ class CacheConfig:
 
     def policy_for(self, budget: int):
         split = split_budget(budget)
+        # the granularity always explicit: the engine's default (unset) chooses per head
         kw = dict(n_sink=split["n_sink"], n_recent=split["n_recent"])
-        if self.granularity != "token":
+        if self.policy not in ("none", "streaming", "random"):
             kw["granularity"] = self.granularity
         if self.policy in ("a2sf", "vatp") and self.alpha is not None:
             kw["forgetting_factor"] = float(self.alpha)

@@ -134,16 +134,23 @@ def run_kvpress(args, model_path: str) -> int:
     factory = RecordFactory("kvpress", Path(args.texts).name, model_path, settings)
     store = ResultStore(args.out / "kvpress.jsonl")
 
+    engines = getattr(args, "engines", None) or ["kvpress", "llama.cpp", "llama.cpp-oneshot"]
+    methods = getattr(args, "methods", None)
+    unknown = sorted(set(methods or ()) - set(KVPRESS_METHODS) - set(ENGINE_METHODS))
+    if unknown:
+        raise ValueError(f"unknown --methods {', '.join(unknown)}; kvpress: {', '.join(KVPRESS_METHODS)}; "
+                         f"engine: {', '.join(ENGINE_METHODS)}")
+
+    def wanted(engine, method):
+        return engine in engines and (methods is None or method in methods)
+
     jobs = []
     for i in range(len(windows)):
-        jobs.append(("kvpress", "none", None, i))
-        jobs.append(("llama.cpp", "none", None, i))
+        jobs += [(e, "none", None, i) for e in ("kvpress", "llama.cpp") if wanted(e, "none")]
         for r in args.ratios:
-            for m in KVPRESS_METHODS[1:]:
-                jobs.append(("kvpress", m, r, i))
+            jobs += [("kvpress", m, r, i) for m in KVPRESS_METHODS[1:] if wanted("kvpress", m)]
             for m in ENGINE_METHODS[1:]:
-                jobs.append(("llama.cpp", m, r, i))
-                jobs.append(("llama.cpp-oneshot", m, r, i))
+                jobs += [(e, m, r, i) for e in ("llama.cpp", "llama.cpp-oneshot") if wanted(e, m)]
 
     def alpha(method):
         return DEFAULT_ALPHA if method == "a2sf" else None

@@ -21,21 +21,37 @@ __all__ = ["make_windows", "window_nll", "run_ppl"]
 
 def make_windows(texts: Dict[str, str], tokenize, n_context: int, n_cont: int,
                  n_windows: int) -> List[Tuple[str, List[int]]]:
-    """The first ``n_context + n_cont`` tokens of each long-enough document.
+    """Windows of ``n_context + n_cont`` tokens, first one per long-enough document.
 
-    Documents are taken in name order; one window per document, so windows are
-    independent texts. Each window starts with BOS (a fresh sequence).
+    Documents are taken in name order, one window each (the first tokens), so the
+    first windows are independent texts. When more windows are asked for than there
+    are documents (Austen: six novels), the next pass takes each document's next
+    non-overlapping span, named ``doc#k``, and so on. Each window starts with BOS (a
+    fresh sequence); a later span gets BOS in front of its first token.
     """
     need = n_context + n_cont
-    out = []
+    docs = []
     for name in sorted(texts):
         toks = tokenize(texts[name])
         if len(toks) >= need:
-            out.append((name, toks[:need]))
-        if len(out) >= n_windows:
+            docs.append((name, toks))
+        if len(docs) >= n_windows:
             break
-    if not out:
+    if not docs:
         raise ValueError(f"no document has {need} tokens")
+    out = [(name, toks[:need]) for name, toks in docs]
+    span = need - 1  # later spans: BOS + need-1 tokens of the text
+    k = 1
+    while len(out) < n_windows:
+        grew = False
+        for name, toks in docs:
+            lo = need + (k - 1)*span
+            if len(toks) >= lo + span and len(out) < n_windows:
+                out.append((f"{name}#{k}", toks[:1] + toks[lo:lo + span]))
+                grew = True
+        if not grew:
+            break
+        k += 1
     return out
 
 
