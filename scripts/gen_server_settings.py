@@ -70,7 +70,16 @@ def render() -> str:
     lines.append("// KVPolicy fields, in the order of a2sf_policy_def::fields")
     lines.append("static const char * const A2SF_FIELDS[] = {" + ", ".join(c_str(f) for f in fields) + "};")
     lines.append("")
-    lines.append("// policy name, class, kind, settable fields, then per field: value, pinned, Python repr")
+    # the struct is generated with the table so that its field count follows SETTINGS
+    lines.append("// a policy: name, class, kind, settable fields, then per KVPolicy field (A2SF_FIELDS): value, pinned, Python repr")
+    lines.append("struct a2sf_policy_def {")
+    lines.append("    const char *     name;")
+    lines.append("    const char *     cls;")
+    lines.append("    int              kind;")
+    lines.append("    const char *     settable;")
+    lines.append(f"    a2sf_field_value fields[{len(fields)}];")
+    lines.append("};")
+    lines.append("")
     lines.append("static const a2sf_policy_def A2SF_POLICIES[] = {")
     for name, cls in P.POLICIES.items():
         inst = cls()

@@ -38,19 +38,13 @@ struct a2sf_field_value {
     const char * repr;    // Python repr of the value, for messages
 };
 
-struct a2sf_policy_def {
-    const char *     name;
-    const char *     cls;
-    int              kind;
-    const char *     settable;
-    a2sf_field_value fields[8];
-};
-
+// A2SF_SETTINGS, A2SF_FIELDS, struct a2sf_policy_def (its fields sized by A2SF_FIELDS) and A2SF_POLICIES
 #include "a2sf-server-settings.inc"
 
 constexpr size_t N_SETTINGS = sizeof(A2SF_SETTINGS) / sizeof(A2SF_SETTINGS[0]);
 constexpr size_t N_FIELDS   = sizeof(A2SF_FIELDS) / sizeof(A2SF_FIELDS[0]);
-static_assert(N_FIELDS == 8, "a2sf_policy_def::fields has one entry per KVPolicy field");
+static_assert(N_FIELDS == sizeof(a2sf_policy_def::fields) / sizeof(a2sf_field_value),
+              "a2sf_policy_def::fields has one entry per KVPolicy field");
 
 struct server_state {
     // command line, as given (the last of repeated flags wins)
