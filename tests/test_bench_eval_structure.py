@@ -82,3 +82,28 @@ def test_record_factory_key_matches_the_store_key(tmp_path, tiny_f32):
     assert rec["engine"] == "llama.cpp" and rec["label"] == "llama.cpp:a2sf"
     cfg = CacheConfig("a2sf", 0.2, 0.95)
     assert record_key(f.make(cfg, 1, 0, {})) == f.key(cfg, 1, 0)
+
+
+def test_compress_section_decodes_over_the_budget_and_reports_the_event(tiny_f32):
+    """The bench's prompt-compression table: the policy decodes over kv_budget cells,
+    vanilla over the whole prompt, and the compression event is timed and its moves counted."""
+    from a2sf.bench import _compressed_decode, section_compress
+
+    out = section_compress(tiny_f32, 96, 40, 4, ["a2sf"], False, 1, 1)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in out if line.startswith("| ") and not line.startswith("| policy")}
+    assert rows["vanilla"][0] == "96" and rows["a2sf"][0] == "40"
+    r = _compressed_decode(tiny_f32, 96, 40, 4, "a2sf", False, 1)
+    assert r["cells"] == 40 and r["compress_s"] > 0 and r["moved"] > 0  # per-head moves copied K/V rows
+
+
+def test_long_extension_goes_on_past_vanilla(tiny_f32):
+    """--long-extend: the bounded cache runs on to 2048 tokens in the same run; the first
+    table is its first 1024, the second its speed per 1024-token part."""
+    from a2sf.bench import section_long
+
+    out = section_long(tiny_f32, 1024, 256, ["a2sf"], False, 1, n_extend=2048)
+    first = [line for line in out if line.startswith("| a2sf | 256 |")]
+    assert len(first) == 1 and "= 1024 (1024)" in first[0]  # cells evicted + used = fed, at 1024
+    ext = out[out.index(next(line for line in out if line.startswith("Bounded caches on to 2048"))):]
+    assert ext[2].startswith("| policy | 1k | 2k |") and ext[4].startswith("| a2sf |")

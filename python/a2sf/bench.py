@@ -21,6 +21,11 @@ long
     ``--long-extend N`` the bounded caches go on to N tokens (32768: past
     SmolLM2's 8192 training context, which positions compaction allows) and a
     second table shows their speed per eighth of the stream.
+compress
+    Prompt compression (issue 15): a ``compress-prompt``-token prompt is read with
+    a full cache and compressed to ``compress-budget`` cells (``kv_budget``), then
+    ``compress-decode`` tokens are generated; against vanilla decoding over the whole
+    prompt, with the compression event's time and moved bytes.
 kvpress
     The same workload through NVIDIA kvpress on HF transformers (see
     a2sf/bench_kvpress.py; needs requirements-eval.txt).
@@ -123,6 +128,70 @@ def section_overhead(model: str, sizes, fa_modes, reps: int, n_decode: int, n_th
                 out.append(f"| {size} | {'on' if fa else 'off'} | {pol or 'vanilla'} | {p:.0f} | {p / base_p:.2f} "
                            f"| {d:.1f} | {d / base_d:.2f} |")
     return out
+
+
+# -- prompt compression -----------------------------------------------------------
+def section_compress(model: str, n_prompt: int, budget: int, n_decode: int, policies, flash_attn: bool,
+                     n_threads: int, reps: int) -> List[str]:
+    """Decode after compressing an n_prompt-token prompt to `budget` cells (kv_budget) vs
+    vanilla decoding over the whole prompt, and what the compression event cost."""
+    res: dict = {}
+    for _ in range(reps):
+        for pol in [None] + list(policies):
+            res.setdefault(pol, []).append(_compressed_decode(model, n_prompt, budget, n_decode, pol,
+                                                              flash_attn, n_threads))
+            r = res[pol][-1]
+            print(f"  compress {pol or 'vanilla':9s} cells {r['cells']:5d}  decode {r['decode_tps']:6.1f} t/s"
+                  f"  compression {1e3 * r['compress_s']:7.1f} ms", file=sys.stderr, flush=True)
+    med = {p: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for p, rs in res.items()}
+    base = med[None]["decode_tps"]
+    out = [
+        f"### Decoding after compressing a {n_prompt}-token prompt to {budget} cells",
+        "",
+        f"_model {Path(model).name}, threads={n_threads}, flash_attn={flash_attn}, wall time, medians of {reps} "
+        f"interleaved runs; `Llama(kv_budget={budget})`: the prompt is read with a full cache, then compressed "
+        f"once by the policy (per head by default) and the kept cells moved to the front; then {n_decode} tokens "
+        f"are decoded greedily (vanilla: over all {n_prompt} cells). Compression = the kv_compress call (scores "
+        f"read, ranking, per-head moves, compaction); moved = K/V bytes the per-head moves copied_",
+        "",
+        "| policy | cells when decoding | decode t/s | ratio | compression ms | moved MiB | compression / decode time |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for pol, m in med.items():
+        share = f"{100 * m['compress_s'] / m['decode_s']:.1f}%" if pol else "-"
+        comp = f"{1e3 * m['compress_s']:.1f}" if pol else "-"
+        moved = f"{m['moved'] / 2**20:.1f}" if pol else "-"
+        out.append(f"| {pol or 'vanilla'} | {int(m['cells'])} | {m['decode_tps']:.1f} | {m['decode_tps'] / base:.2f} "
+                   f"| {comp} | {moved} | {share} |")
+    return out
+
+
+def _compressed_decode(model: str, n_prompt: int, budget: int, n_decode: int, policy, flash_attn: bool,
+                       n_threads: int) -> dict:
+    n_ctx = n_prompt + n_decode + 8
+    llm = open_llama(model, n_ctx, policy, flash_attn, n_threads, n_batch=min(256, n_ctx // 4))
+    try:
+        toks = text_tokens(llm, n_prompt)
+        llm.eval(toks)
+        t0 = time.perf_counter()
+        moved0, cells = 0, len(toks)
+        if policy is not None:
+            moved0 = llm.kv_stats()["bytes_moved"]
+            cells = llm.kv_compress(budget)
+        compress_s = time.perf_counter() - t0
+        moved = llm.kv_stats()["bytes_moved"] - moved0 if policy is not None else 0
+        tok = greedy(llm)
+        t0 = time.perf_counter()
+        for _ in range(n_decode):
+            llm.eval([tok])
+            tok = greedy(llm)
+        if policy is not None:
+            llm.kv_scores()  # lazy scoring: the pending decode queries are scored inside the timing
+        decode_s = time.perf_counter() - t0
+        return {"cells": cells, "decode_tps": n_decode / decode_s, "decode_s": decode_s,
+                "compress_s": compress_s, "moved": moved}
+    finally:
+        llm.close()
 
 
 # -- long generation -------------------------------------------------------------
@@ -276,8 +345,8 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m a2sf.bench") -
     ap = argparse.ArgumentParser(prog=prog, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="GGUF path (default: SmolLM2-135M-Instruct Q4_1)")
-    ap.add_argument("--sections", nargs="+", choices=["overhead", "long", "kvpress"],
-                    default=["overhead", "long", "kvpress"])
+    ap.add_argument("--sections", nargs="+", choices=["overhead", "compress", "long", "kvpress"],
+                    default=["overhead", "compress", "long", "kvpress"])
     ap.add_argument("--sizes", type=int, nargs="+", default=[256, 1024, 4096], help="overhead: cache sizes")
     ap.add_argument("--flash-attn", nargs="+", choices=["off", "on"], default=["off", "on"],
                     help="overhead: flash attention settings to measure (long uses the first)")
@@ -285,6 +354,10 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m a2sf.bench") -
     ap.add_argument("--policies", nargs="+", default=[p for p in POLICIES if p], metavar="POLICY",
                     help="overhead: policies beside vanilla (name[+setting=value], e.g. a2sf+decode_scoring=eager)")
     ap.add_argument("--decode", type=int, default=64, help="overhead: decoded tokens per measurement")
+    ap.add_argument("--compress-prompt", type=int, default=4096, help="compress: prompt tokens")
+    ap.add_argument("--compress-budget", type=int, default=1024, help="compress: cells kept (kv_budget)")
+    ap.add_argument("--compress-policies", nargs="+", default=["a2sf", "mean"], help="compress: policies")
+    ap.add_argument("--compress-decode", type=int, default=256, help="compress: tokens decoded after compression")
     ap.add_argument("--long-tokens", type=int, default=8192, help="long: tokens through the cache")
     ap.add_argument("--long-cells", type=int, default=1024, help="long: cells of the bounded caches")
     ap.add_argument("--long-policies", nargs="+", default=LONG_POLICIES, help="long: bounded-cache policies")
@@ -311,6 +384,9 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m a2sf.bench") -
     if "overhead" in a.sections:
         blocks.append(section_overhead(model, a.sizes, fa_modes, a.reps, a.decode, a.threads, a.cpu_clock,
                                        [None] + list(a.policies)))
+    if "compress" in a.sections:
+        blocks.append(section_compress(model, a.compress_prompt, a.compress_budget, a.compress_decode, a.compress_policies,
+                                       fa_modes[0], a.threads, a.reps))
     if "long" in a.sections:
         blocks.append(section_long(model, a.long_tokens, a.long_cells, a.long_policies, fa_modes[0], a.threads,
                                    a.long_extend))
