@@ -450,11 +450,14 @@ bool llama_kv_score_access::flush_lazy(llama_context & lctx, llama_kv_cache & kv
                 ggml_tensor * ring = lz.rings[ls];
                 ggml_tensor * q = ggml_view_2d(ctx, ring, hd, ring->ne[1]*nh, ring->nb[1], strm*ring->nb[3]);
                 q = ggml_get_rows(ctx, q, tr);
-                q = ggml_reshape_3d(ctx, q, hd, (int64_t) n_rows, nh);
 
-                // query head h reads KV head h/n_group, as in llama.cpp's attention
-                ggml_tensor * kq = ggml_mul_mat(ctx, k, q);                // [n_kv, n_rows, n_head]
+                // query head h reads KV head h/n_group, as in llama.cpp's attention: the
+                // n_group heads of a KV head are adjacent, so [head_dim, n_rows*n_group, n_head_kv]
+                // makes one product per KV head (K read once for all its query heads)
+                q = ggml_reshape_3d(ctx, q, hd, (int64_t) n_rows*(nh/nhkv), nhkv);
+                ggml_tensor * kq = ggml_mul_mat(ctx, k, q);                // [n_kv, n_rows*n_group, n_head_kv]
                 ggml_prec_set_acc(kq, GGML_PREC_F32);
+                kq = ggml_reshape_3d(ctx, kq, n_kv, (int64_t) n_rows, nh); // [n_kv, n_rows, n_head]
                 ggml_tensor * probs = ggml_soft_max_ext(ctx, kq, tm, lz.kq_scale[ls], 0.0f);
                 probs = ggml_reshape_4d(ctx, probs, n_kv, (int64_t) n_rows, nh, 1);
 
