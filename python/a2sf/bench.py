@@ -207,15 +207,16 @@ class LongRun:
     cells_used: int = 0
     n_fed: int = 0
     score_share: float = 0.0  # part of kv_bytes that holds scores and value norms
-    # (fed, seconds, events, cells evicted, cells used) at the end of each segment
+    compact_seconds: float = 0.0  # position compaction (positions="cache"), outside evict_seconds
+    # (fed, seconds, events, cells evicted, cells used, compact seconds) at the end of each segment
     marks: List[tuple] = field(default_factory=list)
 
     def upto(self, n: int) -> "LongRun":
         """The same run as if it had stopped after the segment ending at n tokens."""
         i = next(k for k, m in enumerate(self.marks) if m[0] >= n)
-        fed, secs, n_ev, evicted, used = self.marks[i]
+        fed, secs, n_ev, evicted, used, compact = self.marks[i]
         return LongRun(self.label, self.n_cells, self.kv_bytes, secs, self.segments[:i + 1],
-                       self.event_seconds[:n_ev], evicted, used, fed, self.score_share, self.marks[:i + 1])
+                       self.event_seconds[:n_ev], evicted, used, fed, self.score_share, compact, self.marks[:i + 1])
 
 
 LONG_PROMPT = "Write a very long story about a lighthouse keeper and the sea, chapter after chapter.\n\n"
@@ -255,12 +256,12 @@ def long_generation(model: str, n_tokens: int, n_cells: int, policy, flash_attn:
                 if policy is not None:
                     st = llm.kv_stats()
                     run.marks.append((fed, now - t_start, len(run.event_seconds), st["cells_evicted"],
-                                      st["cells_used"]))
+                                      st["cells_used"], st["compact_seconds"]))
                 else:
-                    run.marks.append((fed, now - t_start, 0, 0, fed))
+                    run.marks.append((fed, now - t_start, 0, 0, fed, 0.0))
         run.seconds = time.perf_counter() - t_start
         run.n_fed = fed
-        run.cells_evicted, run.cells_used = run.marks[-1][3], run.marks[-1][4]
+        run.cells_evicted, run.cells_used, run.compact_seconds = run.marks[-1][3], run.marks[-1][4], run.marks[-1][5]
         return run
     finally:
         llm.close()
@@ -297,20 +298,22 @@ def _long_table(runs: List[LongRun], n_tokens: int, flash_attn: bool, n_threads:
         "",
         "| policy | cells | KV MiB | memory ratio | tokens/s | ratio | last 1024 t/s | ratio "
         "| last/first segment | evictions | cells evicted + used = fed | median / max ms per eviction "
-        "| eviction share |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|",
+        "| eviction share | compaction share | both |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|",
     ]
     for r in runs:
         tps = r.n_fed / r.seconds
         ev = r.event_seconds
         ev_ms = f"{1e3 * statistics.median(ev):.2f} / {1e3 * max(ev):.2f}" if ev else "-"
         share = f"{100 * sum(ev) / r.seconds:.2f}%" if ev else "-"
+        cshare = f"{100 * r.compact_seconds / r.seconds:.2f}%" if ev else "-"
+        both = f"{100 * (sum(ev) + r.compact_seconds) / r.seconds:.2f}%" if ev else "-"
         acct = (f"{r.cells_evicted} + {r.cells_used} = {r.cells_evicted + r.cells_used} ({r.n_fed})"
                 if r.label != "vanilla" else "-")
         out.append(
             f"| {r.label} | {r.n_cells} | {r.kv_bytes / 2**20:.1f} | {base.kv_bytes / r.kv_bytes:.1f}x | {tps:.1f} "
             f"| {tps / base_tps:.2f} | {r.segments[-1]:.1f} | {r.segments[-1] / base.segments[-1]:.2f} "
-            f"| {r.segments[-1] / r.segments[0]:.2f} | {len(ev)} | {acct} | {ev_ms} | {share} |"
+            f"| {r.segments[-1] / r.segments[0]:.2f} | {len(ev)} | {acct} | {ev_ms} | {share} | {cshare} | {both} |"
         )
     out += ["", "Tokens/s per 1024-token segment:", "",
             "| policy | " + " | ".join(str(i + 1) for i in range(len(base.segments))) + " |",
@@ -327,8 +330,8 @@ def _long_extension(runs: List[LongRun], n_extend: int) -> List[str]:
     out = [f"Bounded caches on to {n_extend} tokens (the same runs), tokens/s per {part}-token part "
            f"(column: tokens at its end), and eviction time over the whole stream:", "",
            "| policy | " + " | ".join(f"{min((i + 1) * part, n_extend) / 1024:g}k" for i in range(n_parts))
-           + " | last/first part | evictions | eviction share |",
-           "|---|" + "---:|" * n_parts + "---:|---:|---:|"]
+           + " | last/first part | evictions | eviction share | compaction share |",
+           "|---|" + "---:|" * n_parts + "---:|---:|---:|---:|"]
     for r in runs:
         ends = [r.upto(min((i + 1) * part, r.n_fed)) for i in range(n_parts)]
         tps, prev = [], (0, 0.0)
@@ -337,7 +340,8 @@ def _long_extension(runs: List[LongRun], n_extend: int) -> List[str]:
             prev = (e.n_fed, e.seconds)
         ev = r.event_seconds
         out.append(f"| {r.label} | " + " | ".join(f"{t:.0f}" for t in tps)
-                   + f" | {tps[-1] / tps[0]:.2f} | {len(ev)} | {100 * sum(ev) / r.seconds:.2f}% |")
+                   + f" | {tps[-1] / tps[0]:.2f} | {len(ev)} | {100 * sum(ev) / r.seconds:.2f}% "
+                   f"| {100 * r.compact_seconds / r.seconds:.2f}% |")
     return out
 
 
