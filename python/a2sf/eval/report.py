@@ -110,21 +110,6 @@ def _mc_block(out: Path, lines: List[str]) -> dict:
             a = DEFAULT_ALPHA if v.split("/")[0].split("+")[0] == "a2sf" else None
             row(v if a is None else f"{v} (a={a})", v, r, a)
     lines.append("")
-    # the variants against StreamingLLM, paired per question (their question counts may exceed the table's)
-    vs = []
-    for r in ratios:
-        for v in sorted({k[2] for k in s if k[3] == r and k[2] not in ("none", "streaming")}):
-            a = DEFAULT_ALPHA if v.split("/")[0].split("+")[0] == "a2sf" else None
-            d = paired_mc(s, [(c[0], c[1], v, r, None, a) for c in cols],
-                          [(c[0], c[1], "streaming", r, None, None) for c in cols])
-            if d and "/" in v:
-                vs.append(f"| {v} | {r:g} | {100 * d['diff']:+.1f} +- {100 * d['se']:.1f} | {d['n']} | "
-                          f"{d['a_only']} / {d['b_only']} |")
-    if vs:
-        lines += ["Per-head variants minus StreamingLLM accuracy, paired per question over every task and shot "
-                  "count they ran (mean +- s.e.):", "",
-                  "| variant | budget | minus streaming (points) | question-runs | only it right / only streaming right |",
-                  "|---|---:|---:|---:|---:|"] + vs + [""]
     cmp = []
     shots_list = sorted({c[1] for c in cols})
     for r in ratios:
