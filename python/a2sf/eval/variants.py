@@ -17,8 +17,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import List, Optional
 
-import numpy as np
-
 from .store import emit_table
 from .summary import load, paired_ppl, ppl_summary
 
@@ -44,10 +42,12 @@ def _kvpress_rows(kv_records, ds: str, st: dict, ratio: float, s: dict, base) ->
         w = sorted(set(win) & set(full) & set(ours_full) & set(ours_base))
         if not w:
             continue
-        rel = np.array([win[i] - full[i] for i in w])
-        d = rel - np.array([ours_base[i] - ours_full[i] for i in w])
-        se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
-        rows.append((f"kvpress:{method}", len(w), math.exp(rel.mean()), float(d.mean()), se))
+        # each engine's loss to its own full cache, paired by paired_ppl like the other rows
+        rel = {"kvpress": {"nll": {i: win[i] - full[i] for i in w}},
+               "streaming": {"nll": {i: ours_base[i] - ours_full[i] for i in w}}}
+        d = paired_ppl(rel, "kvpress", "streaming")
+        ratio_to_full = math.exp(sum(rel["kvpress"]["nll"].values()) / len(w))
+        rows.append((f"kvpress:{method}", d["n"], ratio_to_full, d["mean_log_ratio"], d["se"]))
     return rows
 
 
