@@ -107,3 +107,24 @@ def test_long_extension_goes_on_past_vanilla(tiny_f32):
     assert len(first) == 1 and "= 1024 (1024)" in first[0]  # cells evicted + used = fed, at 1024
     ext = out[out.index(next(line for line in out if line.startswith("Bounded caches on to 2048"))):]
     assert ext[2].startswith("| policy | 1k | 2k |") and ext[4].startswith("| a2sf |")
+
+
+def test_bench_json_keeps_every_measurement_behind_the_tables(tiny_f32, tmp_path, capsys):
+    """--json: one record per rep and configuration (the tables print their medians), with the command."""
+    import json
+
+    from a2sf.bench import main
+
+    out = tmp_path / "raw.json"
+    assert main(["--model", tiny_f32, "--sections", "overhead", "compress", "--sizes", "256", "--flash-attn", "off",
+                 "--reps", "2", "--policies", "a2sf", "--decode", "4", "--compress-prompt", "96",
+                 "--compress-budget", "40", "--compress-decode", "4", "--compress-policies", "a2sf",
+                 "--threads", "1", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    assert doc["command"].endswith(f"--json {out}") and doc["command"] in table
+    over = [r for r in doc["records"] if r["section"] == "overhead"]
+    assert sorted((r["policy"] or "vanilla", r["rep"]) for r in over) == [("a2sf", 0), ("a2sf", 1), ("vanilla", 0), ("vanilla", 1)]
+    assert all(r["cells"] == 256 and r["decode_tps"] > 0 and r["prefill_tps"] > 0 for r in over)
+    comp = [r for r in doc["records"] if r["section"] == "compress"]
+    assert len(comp) == 4 and {r["cells"] for r in comp if r["policy"] == "a2sf"} == {40}

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -62,6 +63,7 @@ struct server_state {
     // per sequence (slot id)
     llama_pos                n_ctx_train = 0;
     int32_t                  n_batch = 0;
+    int32_t                  n_cells = 0;      // a slot's cells
     int32_t                  n_chunk = 0;      // a slot's prompt chunk (0: n_ctx unknown before the model)
     std::vector<int64_t>     offset, n_evictions, n_cells_evicted, n_compactions;
     std::vector<int32_t>     cells_before, added;
@@ -445,6 +447,7 @@ bool a2sf_server_attach(llama_context * ctx, const common_params & params) {
         return false;
     }
     s.n_batch = (int32_t) llama_n_batch(ctx);
+    s.n_cells = cells;
     grow(n_seq - 1);
     LOG_INF("a2sf: kv policy %s (kind %d, forgetting_factor %.3g, value_aware %d, mean_attention %d, n_sink %d, "
             "n_recent %d, evict_chunk %d, granularity %d), positions %s, %d sequences, %d cells each, prompt chunks of %d\n",
@@ -508,9 +511,13 @@ void a2sf_server_after_decode(llama_context * ctx) {
             continue;
         }
         const llama_pos pos_max = llama_memory_seq_pos_max(mem, (llama_seq_id) sid);
-        const bool want = s.positions == "cache"
-            ? n_cells < pos_max + 1                                   // cells were evicted since the last compaction
-            : (int64_t) pos_max + 1 + s.n_batch > (int64_t) s.n_ctx_train;  // training: before running past it
+        // as python/a2sf/compaction.py PositionMap.wants_compaction: "training" before the next
+        // batch could run past the training context; "cache" before it could reach twice the
+        // slot's cells (or the training context), once cells were evicted since the last
+        // compaction (one compaction per cache's worth of tokens: each re-rotates every cell)
+        const int64_t train = s.n_ctx_train > 0 ? (int64_t) s.n_ctx_train : INT64_MAX;
+        const int64_t bound = s.positions == "cache" ? std::min<int64_t>(train, 2 * (int64_t) s.n_cells) : train;
+        const bool want = (int64_t) pos_max + 1 + s.n_batch > bound && n_cells < pos_max + 1;
         if (!want) {
             continue;
         }

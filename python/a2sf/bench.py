@@ -33,6 +33,8 @@ kvpress
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import statistics
 import sys
 import time
@@ -65,6 +67,12 @@ def _kv_bytes_per_cell(llm) -> tuple:
     return n_layer * n_head_kv * (k_dim + v_dim) * 2, n_layer * 4 + n_layer * n_head_kv * 4
 
 
+def _raw(raw: Optional[list], section: str, **fields) -> None:
+    """One measurement for --json (the tables are medians of these)."""
+    if raw is not None:
+        raw.append({"section": section, **fields})
+
+
 # -- overhead ------------------------------------------------------------------
 def measure(model: str, n_ctx: int, policy, n_decode: int, flash_attn: bool, n_threads: int,
             clock=time.perf_counter) -> tuple:
@@ -94,17 +102,19 @@ def measure(model: str, n_ctx: int, policy, n_decode: int, flash_attn: bool, n_t
 
 
 def section_overhead(model: str, sizes, fa_modes, reps: int, n_decode: int, n_threads: int,
-                     cpu_clock: bool = False, policies=tuple(POLICIES)) -> List[str]:
+                     cpu_clock: bool = False, policies=tuple(POLICIES), raw: Optional[list] = None) -> List[str]:
     # With one thread ggml computes on the calling thread, so its CPU time is the
     # work done, much less disturbed by other processes than wall time.
     clock = time.thread_time if cpu_clock else time.perf_counter
     res: dict = {}
     for size in sizes:
-        for _ in range(reps):
+        for rep in range(reps):
             for fa in fa_modes:
                 for pol in policies:
                     pre, dec = measure(model, size, pol, n_decode, fa, n_threads, clock)
                     res.setdefault((size, fa, pol), []).append((pre, dec))
+                    _raw(raw, "overhead", cells=size, flash_attn=fa, policy=pol, rep=rep, prefill_tps=pre,
+                         decode_tps=dec, decode_tokens=n_decode, clock="cpu" if cpu_clock else "wall")
                     print(f"  overhead {size:5d} fa={int(fa)} {pol or 'vanilla':9s} prefill {pre:7.0f} t/s"
                           f"  decode {dec:6.1f} t/s", file=sys.stderr, flush=True)
     out = [
@@ -132,15 +142,17 @@ def section_overhead(model: str, sizes, fa_modes, reps: int, n_decode: int, n_th
 
 # -- prompt compression -----------------------------------------------------------
 def section_compress(model: str, n_prompt: int, budget: int, n_decode: int, policies, flash_attn: bool,
-                     n_threads: int, reps: int) -> List[str]:
+                     n_threads: int, reps: int, raw: Optional[list] = None) -> List[str]:
     """Decode after compressing an n_prompt-token prompt to `budget` cells (kv_budget) vs
     vanilla decoding over the whole prompt, and what the compression event cost."""
     res: dict = {}
-    for _ in range(reps):
+    for rep in range(reps):
         for pol in [None] + list(policies):
             res.setdefault(pol, []).append(_compressed_decode(model, n_prompt, budget, n_decode, pol,
                                                               flash_attn, n_threads))
             r = res[pol][-1]
+            _raw(raw, "compress", policy=pol, rep=rep, prompt_tokens=n_prompt, budget=budget,
+                 flash_attn=flash_attn, **r)
             print(f"  compress {pol or 'vanilla':9s} cells {r['cells']:5d}  decode {r['decode_tps']:6.1f} t/s"
                   f"  compression {1e3 * r['compress_s']:7.1f} ms", file=sys.stderr, flush=True)
     med = {p: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for p, rs in res.items()}
@@ -268,7 +280,7 @@ def long_generation(model: str, n_tokens: int, n_cells: int, policy, flash_attn:
 
 
 def section_long(model: str, n_tokens: int, n_cells: int, policies, flash_attn: bool, n_threads: int,
-                 n_extend: int = 0) -> List[str]:
+                 n_extend: int = 0, raw: Optional[list] = None) -> List[str]:
     """Vanilla and the bounded caches over n_tokens; with n_extend > n_tokens the bounded
     caches go on to n_extend tokens (one run: the first table is its first n_tokens), and
     a second table shows their tokens/s over the whole stream."""
@@ -280,6 +292,8 @@ def section_long(model: str, n_tokens: int, n_cells: int, policies, flash_attn: 
         extended.append(r)
         runs.append(r.upto(n_tokens))
         print(f"  long {pol} {n_cells} cells: {r.n_fed / r.seconds:.1f} t/s over {r.n_fed}", file=sys.stderr, flush=True)
+    for r in [runs[0]] + extended:
+        _raw(raw, "long", flash_attn=flash_attn, **dataclasses.asdict(r))
     out = _long_table(runs, n_tokens, flash_attn, n_threads, Path(model).name)
     if n_extend > n_tokens:
         out += ["", *_long_extension(extended, n_extend)]
@@ -370,6 +384,8 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m a2sf.bench") -
     ap.add_argument("--kvpress-context", type=int, default=1024, help="kvpress: context tokens")
     ap.add_argument("--kvpress-budget", type=int, default=256, help="kvpress: cells kept")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", type=Path, default=None, metavar="PATH",
+                    help="also write every single measurement (each rep, each run) as JSON")
     ap.add_argument("--cpu-clock", action="store_true",
                     help="overhead: measure the CPU time of one computing thread (forces --threads 1) instead "
                          "of wall time; steadier on a loaded machine")
@@ -385,23 +401,29 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m a2sf.bench") -
     fa_modes = [m == "on" for m in a.flash_attn]
 
     blocks = []
+    raw: list = []
     if "overhead" in a.sections:
         blocks.append(section_overhead(model, a.sizes, fa_modes, a.reps, a.decode, a.threads, a.cpu_clock,
-                                       [None] + list(a.policies)))
+                                       [None] + list(a.policies), raw=raw))
     if "compress" in a.sections:
         blocks.append(section_compress(model, a.compress_prompt, a.compress_budget, a.compress_decode, a.compress_policies,
-                                       fa_modes[0], a.threads, a.reps))
+                                       fa_modes[0], a.threads, a.reps, raw=raw))
     if "long" in a.sections:
         blocks.append(section_long(model, a.long_tokens, a.long_cells, a.long_policies, fa_modes[0], a.threads,
-                                   a.long_extend))
+                                   a.long_extend, raw=raw))
     if "kvpress" in a.sections:
         from .bench_kvpress import section_kvpress
 
-        blocks.append(section_kvpress(model, a.kvpress_context, a.kvpress_budget, a.decode, a.reps, a.threads))
+        blocks.append(section_kvpress(model, a.kvpress_context, a.kvpress_budget, a.decode, a.reps, a.threads,
+                                      raw=raw))
     # every table's caption carries the exact command that produced it
     import shlex
 
     cmd = " ".join([prog] + [shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:])])
+    if a.json is not None:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps({"command": cmd, "model": Path(model).name, "threads": a.threads,
+                                      "records": raw}, indent=1) + "\n")
     for b in blocks:
         b.insert(3, f"_command: `{cmd}`_")
         b.insert(4, "")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from typing import List
+from typing import List, Optional
 
 from .bench_common import greedy, open_llama, text_tokens
 
@@ -80,7 +80,8 @@ def _a2sf_run(gguf: str, ids: List[int], policy, n_cells: int, n_decode: int, n_
         llm.close()
 
 
-def section_kvpress(gguf: str, n_context: int, budget: int, n_decode: int, reps: int, n_threads: int) -> List[str]:
+def section_kvpress(gguf: str, n_context: int, budget: int, n_decode: int, reps: int, n_threads: int,
+                    raw: Optional[list] = None) -> List[str]:
     try:
         import kvpress  # noqa: F401  (the check only; make_press imports it)
     except ImportError as e:
@@ -110,6 +111,12 @@ def section_kvpress(gguf: str, n_context: int, budget: int, n_decode: int, reps:
                 rows.setdefault(("a2sf", ours), []).append(
                     _a2sf_run(gguf, ids, ours, budget, n_decode, n_threads))
         print(f"  kvpress rep done ({len(rows)} configurations)", file=sys.stderr, flush=True)
+    if raw is not None:  # --json: every run, (context seconds, decode seconds, cells)
+        for (engine, method), runs in rows.items():
+            for i, (t_ctx, t_dec, n_cells) in enumerate(runs):
+                raw.append({"section": "kvpress", "engine": engine, "method": method, "rep": i,
+                            "context_tokens": n_context, "budget": budget, "context_s": t_ctx,
+                            "decode_s": t_dec, "decode_tokens": n_decode, "cells": n_cells})
 
     def med(key):
         r = rows[key]

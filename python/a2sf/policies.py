@@ -182,7 +182,7 @@ SETTINGS: Tuple[Setting, ...] = (
             "and softmax per ubatch)",
             field="decode_scoring", native="decode_scoring", choices=("eager", "lazy")),
     Setting("positions", str, None, "position compaction for endless streams: cache (renumber the kept "
-            "cells after each eviction, positions stay within the cache), training (only before the "
+            "cells, re-rotating K, before positions reach twice the cache), training (only before the "
             "model's training context), absolute (never; the completion API stops at max_positions). "
             "Default: cache for RoPE models, absolute for learned positions (OPT, GPT-2)",
             choices=("cache", "training", "absolute")),

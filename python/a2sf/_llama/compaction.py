@@ -53,7 +53,8 @@ class PositionCompaction(PolicyBase):
         if mode == "absolute":
             self._a2sf_positions = None
             return
-        self._a2sf_positions = PositionMap(mode=mode, limit=max(1, int(self._model.n_ctx_train())))
+        self._a2sf_positions = PositionMap(mode=mode, limit=max(1, int(self._model.n_ctx_train())),
+                                          cache_cells=int(self.n_ctx()))
         batch = self._batch
         set_batch = batch.set_batch  # llama_cpp._internals.LlamaBatch.set_batch, bound
 
