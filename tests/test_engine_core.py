@@ -104,7 +104,7 @@ def test_layers_cells_scores_stats(core, llm):
     s = core.stats(ctx)
     assert set(s) == {"n_evictions", "n_cells_evicted", "n_cells_used", "t_evict_us", "n_compactions",
                       "t_compact_us", "n_move_events", "n_bytes_moved", "t_move_us",
-                      "n_lazy_flushes", "n_lazy_queries", "t_lazy_us"}
+                      "n_lazy_flushes", "n_lazy_queries", "t_lazy_us", "n_host_moves"}
     assert s["n_cells_used"] == n
     freed = core.evict(ctx, 0, 2)
     assert freed == 2 and core.n_cells(ctx, 0) == n - 2

@@ -224,3 +224,49 @@ def test_per_head_compaction_renumbers_each_head_and_the_logits_follow(tiny_f32,
     tol = 5e-3 if flash_attn else 1e-4  # CPU flash attention rounds K/V through F16
     assert np.abs(got - want).max() <= tol * np.abs(want).max()
     llm.close()
+
+
+@pytest.mark.parametrize("cache", ["f16", "f16-flash", "q8_0-flash"])
+def test_host_copies_move_the_same_bytes_as_the_move_graph(tiny_f32, tmp_path, monkeypatch, cache):
+    """A host-resident cache moves per-head rows with plain copies; A2SF_MOVES_ON_GRAPH=1
+    forces the get_rows/set_rows graph a device cache uses. Per-head eviction and a
+    compression (transposed V without flash attention, rows with it) leave the same
+    tokens, scores and next logits either way; F16 moves bit for bit."""
+    from llama_cpp import GGML_TYPE_F16, GGML_TYPE_Q8_0
+
+    from a2sf.testing.tiny_gguf import write_tiny_llama
+
+    type_k = GGML_TYPE_Q8_0 if cache.startswith("q8_0") else GGML_TYPE_F16
+    model = tiny_f32
+    if type_k == GGML_TYPE_Q8_0:  # a head of K must hold whole Q8_0 blocks (32)
+        model = str(write_tiny_llama(tmp_path / "hd32.gguf", n_embd=128))
+    out = {}
+    for mode in ("host", "graph"):
+        if mode == "graph":
+            monkeypatch.setenv("A2SF_MOVES_ON_GRAPH", "1")
+        else:
+            monkeypatch.delenv("A2SF_MOVES_ON_GRAPH", raising=False)
+        llm = Llama(model, n_ctx=128, n_batch=UB, n_ubatch=UB, n_threads=1, kv_policy="a2sf", logits_all=True,
+                    granularity="head", flash_attn=cache.endswith("flash"), positions="absolute",
+                    type_k=type_k, type_v=GGML_TYPE_F16, verbose=False, **SETTINGS)
+        toks = _tokens(70, 3)
+        llm.eval(toks[:50])
+        assert llm.kv_evict(12) == 12
+        llm.eval(toks[50:66])
+        assert llm.kv_compress(30) == 30
+        st = llm.kv_stats()
+        moved = st["bytes_moved"]
+        # eviction's per-head moves, compression's own, and its moves of the kept cells to the front
+        assert st["move_events"] == 3 and st["host_moves"] == (3 if mode == "host" else 0)
+        llm.eval(toks[66:70])
+        kv = llm.kv_scores()
+        out[mode] = (kv.positions, kv.scores, np.array(llm.scores[llm.n_tokens - 1]), moved)
+        llm.close()
+    (pos_h, sc_h, lg_h, mv_h), (pos_g, sc_g, lg_g, mv_g) = out["host"], out["graph"]
+    assert mv_h == mv_g > 0
+    np.testing.assert_array_equal(pos_h, pos_g)  # every head holds the same tokens
+    np.testing.assert_array_equal(sc_h, sc_g)
+    if cache.startswith("f16"):
+        np.testing.assert_array_equal(lg_h, lg_g)
+    else:  # the graph requantizes the K rows it moves; the copies keep them as they were
+        assert np.abs(lg_h - lg_g).max() <= 1e-2 * np.abs(lg_g).max()

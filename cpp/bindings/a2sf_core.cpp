@@ -256,6 +256,7 @@ PYBIND11_MODULE(_core, m) {
             d["n_lazy_flushes"]  = s.n_lazy_flushes;
             d["n_lazy_queries"]  = s.n_lazy_queries;
             d["t_lazy_us"]       = s.t_lazy_us;
+            d["n_host_moves"]    = s.n_host_moves;
             return d;
         },
         py::arg("ctx"), "Eviction statistics of the context.");

@@ -74,6 +74,7 @@ struct llama_kv_policy_stats {
     int64_t n_lazy_flushes;   // lazy scoring: batched products that scored pending queries
     int64_t n_lazy_queries;   // queries they covered (decode steps and prefill tokens, per stream)
     int64_t t_lazy_us;        // time spent in them
+    int64_t n_host_moves;     // of n_move_events: copies in host memory (a CPU cache) instead of a graph
 };
 
 // error codes returned by the functions below (0 = success)

@@ -304,7 +304,11 @@ int32_t llama_kv_score_access::evict_seq_impl(llama_context & lctx, llama_kv_cac
             for (auto & c : mine) {
                 c.pos = u.pos[u.at(strm, k0, c.cell)];
             }
-            std::sort(mine.begin(), mine.end(), [](const kv_cell_rank & a, const kv_cell_rank & b) { return a.pos < b.pos; });
+            // units that never moved a token hold the cells' own positions, already in order
+            const auto by_pos = [](const kv_cell_rank & a, const kv_cell_rank & b) { return a.pos < b.pos; };
+            if (!std::is_sorted(mine.begin(), mine.end(), by_pos)) {
+                std::sort(mine.begin(), mine.end(), by_pos);
+            }
         }
         const int32_t n_sink = std::min(n_cells, cfg.params.n_sink);
         const int32_t n_keep = n_sink + std::min(n_cells - n_sink, n_recent);
@@ -348,10 +352,15 @@ int32_t llama_kv_score_access::evict_seq_impl(llama_context & lctx, llama_kv_cac
                     }
                 } break;
         }
-        // lowest rank first; ties go to the older token
-        std::stable_sort(cg.begin(), cg.end(), [](const kv_cell_rank & a, const kv_cell_rank & b) {
+        // the n_free lowest ranks; ties go to the older token. A unit holds each position once,
+        // so (rank, pos) orders its candidates totally and selecting them needs no full sort
+        const auto by_rank = [](const kv_cell_rank & a, const kv_cell_rank & b) {
             return a.rank < b.rank || (a.rank == b.rank && a.pos < b.pos);
-        });
+        };
+        if (n_free < (int32_t) cg.size()) {
+            std::nth_element(cg.begin(), cg.begin() + n_free, cg.end(), by_rank);
+        }
+        std::sort(cg.begin(), cg.begin() + n_free, by_rank);
         r.victims.emplace_back();
         for (int32_t i = 0; i < n_free; ++i) {
             r.victims.back().push_back(cg[i].cell);

@@ -18,6 +18,13 @@
 // quantized rows to F32 and set_rows narrows them back, so F16 and F32 caches move
 // bit for bit (quantized K/V are requantized). Computed through the context's
 // scheduler, like llama.cpp's K-shift graph.
+//
+// A cache in host memory (the CPU backend) takes the same moves as plain copies
+// instead: the graph needs one index per element of a transposed V (head_dim per
+// moved row), and building and walking those indices cost more than the copies
+// (compressing a 4096-cell prompt to 1024 cells: 22 MiB in ~170 ms through the
+// graph). The copies are the rows' bytes, so quantized rows move exactly too.
+// A2SF_MOVES_ON_GRAPH=1 forces the graph (tests compare the two).
 
 #include "llama-kv-score.h"
 #include "llama-kv-side-graph.h"
@@ -31,6 +38,7 @@
 #include "ggml-backend.h"
 #include "ggml.h"
 
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 
@@ -68,10 +76,104 @@ bool llama_kv_score_access::compute_side_graph(llama_context & lctx, const char 
     return ok;
 }
 
+// every tensor the moves touch is in host memory, laid out as the graph below views it
+bool llama_kv_score_access::moves_on_host(const llama_kv_cache & kv) {
+    const char * force = getenv("A2SF_MOVES_ON_GRAPH");
+    if (force != nullptr && force[0] != '\0' && force[0] != '0') {
+        return false;
+    }
+    auto host = [](const ggml_tensor * t) {
+        return t == nullptr || (t->buffer != nullptr && ggml_backend_buffer_is_host(t->buffer) && ggml_is_contiguous(t));
+    };
+    for (const auto & layer : kv.layers) {
+        if (layer.score == nullptr) {
+            continue;
+        }
+        if (!host(layer.k) || !host(layer.v) || !host(layer.vnorm) || !host(layer.score)) {
+            return false;
+        }
+        // a head's row of K (of untransposed V) must be whole blocks of its type
+        const int64_t hdk = kv.hparams.n_embd_head_k(layer.il);
+        const int64_t hdv = kv.hparams.n_embd_head_v(layer.il);
+        if (hdk % ggml_blck_size(layer.k->type) != 0 ||
+            (layer.v && hdv % ggml_blck_size(layer.v->type) != 0) ||
+            (layer.v && kv.v_trans && ggml_blck_size(layer.v->type) != 1)) {
+            return false;
+        }
+    }
+    return true;
+}
+
 bool llama_kv_score_access::move_unit_rows(llama_context & lctx, llama_kv_cache & kv, uint32_t strm,
                                            const std::vector<std::vector<std::pair<uint32_t, uint32_t>>> & moves) {
     const int64_t t0 = ggml_time_us();
     int64_t n_bytes = 0;
+
+    if (moves_on_host(kv)) {
+        lctx.synchronize(); // no computation may still write the cache
+        const int64_t  kv_size = kv.get_size();
+        const uint32_t nh_max  = std::max<int32_t>(1, n_head_kv(kv));
+        uint32_t il_scored = 0;
+        for (const auto & layer : kv.layers) {
+            if (layer.score == nullptr) {
+                continue;
+            }
+            const uint32_t il  = layer.il;
+            const int64_t  nh  = layer.score->ne[1];
+            const int64_t  hdv = kv.hparams.n_embd_head_v(il);
+            const size_t   k_row = ggml_row_size(layer.k->type, kv.hparams.n_embd_head_k(il));
+            const size_t   v_row = layer.v ? ggml_row_size(layer.v->type, hdv) : 0;
+            const size_t   v_el  = layer.v ? ggml_type_size(layer.v->type) : 0;
+            const size_t   n_el  = ggml_element_size(layer.vnorm);
+            const size_t   s_el  = ggml_element_size(layer.score);
+            const int64_t  ne0   = kv.hparams.n_embd_v_gqa_max(); // the transposed V's rows per stream
+            auto * k  = (uint8_t *) layer.k->data;
+            auto * v  = layer.v ? (uint8_t *) layer.v->data : nullptr;
+            auto * vn = (uint8_t *) layer.vnorm->data;
+            auto * sc = (uint8_t *) layer.score->data;
+            for (int64_t h = 0; h < nh; ++h) {
+                const uint32_t unit = il_scored*nh_max + (uint32_t) h;
+                if (unit >= moves.size()) {
+                    continue;
+                }
+                for (const auto & [src, dst] : moves[unit]) {
+                    const int64_t rs = (strm*kv_size + src)*nh + h; // the (cell, head) row, as in the graph
+                    const int64_t rd = (strm*kv_size + dst)*nh + h;
+                    memcpy(k + rd*k_row, k + rs*k_row, k_row);
+                    memcpy(vn + rd*n_el, vn + rs*n_el, n_el);
+                    memcpy(sc + ((strm*nh + h)*kv_size + dst)*s_el, sc + ((strm*nh + h)*kv_size + src)*s_el, s_el);
+                    if (v != nullptr && !kv.v_trans) {
+                        memcpy(v + rd*v_row, v + rs*v_row, v_row);
+                    }
+                    n_bytes += (int64_t) (k_row + v_row);
+                }
+                // transposed V: a row per channel, a cell per element; each row takes all the
+                // moves before the next (the rows lie kv_size elements apart)
+                if (v != nullptr && kv.v_trans) {
+                    for (int64_t d = 0; d < hdv; ++d) {
+                        uint8_t * row = v + (strm*ne0 + h*hdv + d)*kv_size*v_el;
+                        if (v_el == 2) {
+                            auto * r16 = (uint16_t *) row;
+                            for (const auto & [src, dst] : moves[unit]) {
+                                r16[dst] = r16[src];
+                            }
+                        } else {
+                            for (const auto & [src, dst] : moves[unit]) {
+                                memcpy(row + dst*v_el, row + src*v_el, v_el);
+                            }
+                        }
+                    }
+                }
+            }
+            ++il_scored;
+        }
+        auto & st = lctx.kv_score;
+        st.n_move_events++;
+        st.n_host_moves++;
+        st.n_bytes_moved += n_bytes;
+        st.t_move_us     += ggml_time_us() - t0;
+        return true;
+    }
 
     const bool ok = compute_side_graph(lctx, "moves KV rows", [&](ggml_context * ctx, ggml_cgraph * gf,
                                                                   llm_graph_input_side & inp) {

@@ -156,6 +156,7 @@ int32_t llama_kv_policy_get_stats(const struct llama_context * ctx, struct llama
     out->n_lazy_flushes  = st.n_lazy_flushes;
     out->n_lazy_queries  = st.n_lazy_queries;
     out->t_lazy_us       = st.t_lazy_us;
+    out->n_host_moves    = st.n_host_moves;
     out->n_cells_used    = 0;
     if (const llama_kv_cache * kv = llama_kv_score_access::get_kv(lctx)) {
         out->n_cells_used = llama_kv_score_access::n_cells_used(*kv);
@@ -178,6 +179,7 @@ void llama_kv_policy_reset_stats(struct llama_context * ctx) {
     st.t_move_us       = 0;
     st.n_lazy_flushes  = 0;
     st.n_lazy_queries  = 0;
+    st.n_host_moves    = 0;
     st.t_lazy_us       = 0;
 }
 

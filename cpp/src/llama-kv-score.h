@@ -43,6 +43,7 @@ struct llama_kv_score_state {
     int64_t n_lazy_flushes  = 0; // batched products that scored pending queries
     int64_t n_lazy_queries  = 0; // queries they covered (decode steps and prefill tokens)
     int64_t t_lazy_us       = 0;
+    int64_t n_host_moves    = 0; // move events done as host copies (llama-kv-move.cpp)
 
     std::mt19937 rng{0};
 };
@@ -185,6 +186,8 @@ struct llama_kv_score_access {
     // (src, dst) cells of unit u = layer*n_head_kv + head.
     static bool move_unit_rows(llama_context & lctx, llama_kv_cache & kv, uint32_t strm,
                                const std::vector<std::vector<std::pair<uint32_t, uint32_t>>> & moves);
+    // whether move_unit_rows copies in host memory instead of computing a graph
+    static bool moves_on_host(const llama_kv_cache & kv);
 
     // re-rotate K of single (layer, head) units: deltas[u][cell] is the change of position of
     // the token unit u holds in that cell of stream strm (llama-kv-move.cpp)

@@ -263,7 +263,8 @@ class Llama(InputGuards, PositionLimit, PositionCompaction, PrefixReuse, PromptC
     def kv_stats(self) -> Dict[str, Any]:
         """Eviction statistics: evictions, cells_evicted, cells_used, evict_seconds;
         move_events, bytes_moved, move_seconds (granularity layer/head and compression
-        moving K/V rows between cells); lazy_flushes, lazy_queries, lazy_seconds (with
+        moving K/V rows between cells; host_moves: those done as copies in host memory,
+        a CPU cache, instead of a graph); lazy_flushes, lazy_queries, lazy_seconds (with
         flash attention: the batched products that scored the deferred queries)."""
         s = _core().stats(self._a2sf_ctx())
         return {
@@ -279,6 +280,7 @@ class Llama(InputGuards, PositionLimit, PositionCompaction, PrefixReuse, PromptC
             "lazy_flushes": int(s["n_lazy_flushes"]),
             "lazy_queries": int(s["n_lazy_queries"]),
             "lazy_seconds": float(s["t_lazy_us"]) / 1e6,
+            "host_moves": int(s["n_host_moves"]),
         }
 
     def kv_head_scores(self, seq_id: int = 0):
