@@ -53,10 +53,13 @@ def stream_nll(llm, window: Sequence[int]) -> float:
     return nll
 
 
-def _llama(model: str, n_ctx: int, policy: str, positions: Optional[str], threads: int):
+def _llama(model: str, n_ctx: int, policy: str, positions: Optional[str], threads: int,
+           granularity: Optional[str] = None):
     from ..llama import Llama
 
     kw = {} if positions is None else {"positions": positions}
+    if granularity is not None:
+        kw["granularity"] = granularity
     # n_threads_batch too: llama-cpp-python's default (all cores) spins against other jobs
     return Llama(model, n_ctx=n_ctx, kv_policy=policy, n_threads=threads, n_threads_batch=threads,
                  verbose=False, **kw)
@@ -64,13 +67,14 @@ def _llama(model: str, n_ctx: int, policy: str, positions: Optional[str], thread
 
 def run_stream(model: str, tokens: Sequence[int], policy: str, positions: str, n_ctx: int,
                depths: Sequence[int], window: int, fresh: int, threads: int, chunk: int,
-               bos: int) -> List[Dict]:
-    """One stream per (policy, positions): a record per depth, with its fresh baseline."""
+               bos: int, granularity: Optional[str] = None) -> List[Dict]:
+    """One stream per (policy, positions): a record per depth, with its fresh baseline
+    (the same policy and granularity; None: the policy's default)."""
     tokens = list(tokens)
     depths = sorted(depths)
     if depths[-1] + window > len(tokens):
         raise ValueError(f"the text has {len(tokens)} tokens; depth {depths[-1]} + window {window} needs more")
-    llm = _llama(model, n_ctx, policy, positions, threads)
+    llm = _llama(model, n_ctx, policy, positions, threads, granularity)
     out = []
     read = 0
     t_start = time.perf_counter()
@@ -84,12 +88,12 @@ def run_stream(model: str, tokens: Sequence[int], policy: str, positions: str, n
         read = d + window
         kv = llm.kv_scores()
         stats = llm.kv_stats()
-        base = _llama(model, n_ctx, policy, None, threads)
+        base = _llama(model, n_ctx, policy, None, threads, granularity)
         _feed(base, [bos] + tokens[max(0, d - fresh):d], chunk)
         nll_fresh = stream_nll(base, tokens[d:d + window])
         base.close()
         out.append({
-            "policy": policy, "positions": positions, "n_ctx": n_ctx, "depth": d, "window": window,
+            "policy": policy, "granularity": granularity, "positions": positions, "n_ctx": n_ctx, "depth": d, "window": window,
             "fresh": fresh, "ppl": math.exp(nll / window), "ppl_fresh": math.exp(nll_fresh / window),
             "ratio": math.exp((nll - nll_fresh) / window),
             "max_position": int(kv.positions.max()) if len(kv) else -1, "cells": len(kv),
@@ -98,11 +102,15 @@ def run_stream(model: str, tokens: Sequence[int], policy: str, positions: str, n
             "feed_tokens_per_s": (d - (out[-1]["depth"] + window if out else 0)) / max(t_feed, 1e-9),
             "seconds": time.perf_counter() - t_start,
         })
-        print(f"stream {policy}/{positions} depth {d}: ppl {out[-1]['ppl']:.2f} vs fresh "
+        print(f"stream {_label(policy, granularity)}/{positions} depth {d}: ppl {out[-1]['ppl']:.2f} vs fresh "
               f"{out[-1]['ppl_fresh']:.2f} = x{out[-1]['ratio']:.3f}, max position {out[-1]['max_position']}",
               file=sys.stderr, flush=True)
     llm.close()
     return out
+
+
+def _label(policy: str, granularity: Optional[str]) -> str:
+    return policy if granularity is None else f"{policy}/{granularity}"
 
 
 def table(records: Sequence[Dict], command: str) -> str:
@@ -110,7 +118,7 @@ def table(records: Sequence[Dict], command: str) -> str:
     depths = sorted({r["depth"] for r in records})
     rows = {}
     for r in records:
-        rows.setdefault((r["policy"], r["positions"]), {})[r["depth"]] = r
+        rows.setdefault((_label(r["policy"], r.get("granularity")), r["positions"]), {})[r["depth"]] = r
     lines = [f"Perplexity of the next {records[0]['window']} tokens at each position, divided by a fresh "
              f"{records[0]['n_ctx']}-cell context of the same policy that read BOS + the {records[0]['fresh']} "
              f"tokens before them. Command: `{command}`", "",
@@ -134,6 +142,9 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m a2sf.eval stre
     ap.add_argument("--document", default=None, help="the document of --texts to stream (default: the longest)")
     ap.add_argument("--n-ctx", type=int, default=256)
     ap.add_argument("--policies", nargs="+", default=["streaming", "a2sf"])
+    ap.add_argument("--granularities", nargs="+", default=None, choices=("token", "layer", "head"),
+                    help="scored policies: one stream per granularity (default: the policy's own); "
+                         "policies without scores run once")
     ap.add_argument("--positions", nargs="+", default=list(POSITION_MODES), choices=POSITION_MODES)
     ap.add_argument("--depths", nargs="+", type=int, default=[1280, 7936, 16384, 32512])
     ap.add_argument("--window", type=int, default=256)
@@ -161,15 +172,19 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m a2sf.eval stre
     command = f"{prog} " + " ".join(argv if argv is not None else sys.argv[1:])
     records = []
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    from ..policies import PolicyKind, make_policy
+
     for policy in args.policies:
-        for positions in args.positions:
-            recs = run_stream(model, tokens, policy, positions, args.n_ctx, args.depths, args.window,
-                              args.fresh, args.threads, args.chunk, bos)
-            with open(args.out, "a") as f:
-                for r in recs:
-                    r.update({"document": f"{args.texts}/{name}", "llama_cpp": llama_cpp_commit()[:12]})
-                    f.write(json.dumps(r) + "\n")
-            records += recs
+        scored = make_policy(policy).kind == PolicyKind.SCORE
+        for granularity in (args.granularities or [None]) if scored else [None]:
+            for positions in args.positions:
+                recs = run_stream(model, tokens, policy, positions, args.n_ctx, args.depths, args.window,
+                                  args.fresh, args.threads, args.chunk, bos, granularity)
+                with open(args.out, "a") as f:
+                    for r in recs:
+                        r.update({"document": f"{args.texts}/{name}", "llama_cpp": llama_cpp_commit()[:12]})
+                        f.write(json.dumps(r) + "\n")
+                records += recs
     emit_table(table(records, command), args.table)
     return 0
 
