@@ -1,5 +1,5 @@
 """Endless streams on SmolLM2: a 256-cell cache keeps reading like a fresh context
-far into a stream, positions stay below twice the cache, the accounting is exact
+far into a stream, positions stay far below the training context, the accounting is exact
 (eval.stream, the README's "Endless streams" table; the 50k run is slow)."""
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ def _emma_tokens(model, n):
 def _check(recs, n_ctx, chunk, limit):
     for r in recs:
         assert r["ratio"] <= limit, r  # reads like a context that saw only the recent history
-        assert r["max_position"] < 2 * n_ctx  # positions="cache": below twice the cache
+        # positions="cache": below twice the cache per token; per head one numbering for every
+        # head, so the positions any head holds (about 4 caches on SmolLM2), plus a cache
+        assert r["max_position"] < 8 * n_ctx
         assert r["cells"] <= n_ctx
     assert recs[-1]["compactions"] > 0 and recs[-1]["evictions"] > 0
 
@@ -40,7 +42,7 @@ def test_stream_accounting_is_exact_through_compactions(smollm2):
         llm.eval(toks[i:i + 64])
     st, kv = llm.kv_stats(), llm.kv_scores()
     assert st["cells_evicted"] + st["cells_used"] == llm.n_tokens == len(toks)
-    assert st["compactions"] > 0 and kv.positions.max() < 2 * 256
+    assert st["compactions"] > 0 and kv.positions.max() < 8 * 256
     assert sorted(kv.token_index.tolist())[:4] == [0, 1, 2, 3]  # the sinks
     assert kv.token_index.max() == len(toks) - 1
     assert np.isfinite(kv.scores).all()

@@ -166,6 +166,10 @@ LLAMA_API const char * llama_kv_policy_state_error(void);
 // cache's cells of seq_id move by one delta, its newest onto the last renumbered
 // position (distances inside the window are kept exactly). If the window holds more
 // tokens m than the global cache's n, the positions are m-n..m-1 and m is returned.
+// Granularity LAYER/HEAD after moves (a cell holds different tokens per head): the
+// positions any head holds become 0..m-1 (one numbering for every head; m >= n), each
+// K row re-rotated by its own delta, and m is returned; the cells take the positions
+// of their layer-0 head-0 token, so some positions below m hold no cell.
 LLAMA_API int32_t llama_kv_policy_compact(struct llama_context * ctx, llama_seq_id seq_id);
 
 // Register the devices of the ggml RPC server at endpoint ("host:port", as llama-server's

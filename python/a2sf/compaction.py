@@ -12,7 +12,9 @@ a2sf.Llama keeps two numberings:
 
 They agree until the first compaction. A compaction (``a2sf._core.compact``)
 renumbers the sequence's kept cells 0..n-1 in order, re-rotating their K, and
-the next token takes cache position n. :class:`PositionMap` remembers, for the
+the next token takes cache position n. With per-head cells (granularity
+"layer"/"head" after moves) the positions any head holds become 0..m-1, one
+numbering for every head, and the next token takes position m. :class:`PositionMap` remembers, for the
 cells renumbered by the last compaction, which token index each holds, and for
 the tokens evaluated since, the constant offset between the two numberings.
 
@@ -58,6 +60,10 @@ class PositionMap:
     renumbered: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     #: token index - cache position, for the positions >= len(renumbered)
     offset: int = 0
+    #: the next position right after the last compaction: with per-head cells it can pass
+    #: the cells held (one numbering for all heads), and compacting again lowers positions
+    #: only once the stream has gone on past it
+    floor: int = 0
     n_compactions: int = 0
     compact_seconds: float = 0.0
 
@@ -65,10 +71,12 @@ class PositionMap:
         """An empty sequence: both numberings start again at 0."""
         self.renumbered = np.zeros(0, dtype=np.int64)
         self.offset = 0
+        self.floor = 0
 
     @property
     def n_unheld(self) -> int:
-        """Positions below the first cell of the last compaction (0 but on iSWA memory)."""
+        """Positions below len(renumbered) that hold no cell: below the first cell on iSWA
+        memory, and those only other heads hold with per-head cells."""
         return int(np.count_nonzero(self.renumbered < 0))
 
     @property
@@ -101,29 +109,38 @@ class PositionMap:
 
     @property
     def cache_bound(self) -> int:
-        """"cache": the positions a compaction keeps the sequence below."""
-        return min(self.limit, 2 * self.cache_cells) if self.cache_cells > 0 else 0
+        """"cache": the positions a compaction keeps the sequence below: twice the cache, or a
+        cache past the last compaction's next position (per-head cells), within the training
+        context."""
+        if self.cache_cells <= 0:
+            return 0
+        return min(self.limit, max(2 * self.cache_cells, self.floor + self.cache_cells))
 
-    def compact(self, next_token_index: int, cache_positions: np.ndarray, compact: Callable[[], int]) -> None:
+    def compact(self, next_token_index: int, cells: Callable[[], tuple], compact: Callable[[], int]) -> None:
         """Run ``compact()`` (a2sf._core.compact for seq 0) and renumber the map.
 
-        ``cache_positions``: the sequence's cache positions before compacting,
-        in order (they become 0..n-1).
+        ``cells()``: (cache positions, cell indices) of the sequence's cells, read before
+        and after compacting (a cell keeps its token, its position changes).
         """
         t0 = time.perf_counter()
-        held = self.token_index(np.sort(np.asarray(cache_positions, dtype=np.int64)))
-        n = int(compact())  # the next position: len(held), or more on iSWA memory (below)
-        assert n >= len(held), (n, len(held))
-        # iSWA memory whose sliding window holds more tokens than the global cache: the
-        # cells take positions n-len(held)..n-1 (positions below hold no cell: -1)
-        self.renumbered = np.concatenate([np.full(n - len(held), -1, dtype=np.int64), held])
+        pos, cell = (np.asarray(a, dtype=np.int64) for a in cells())
+        token_of_cell = dict(zip(cell.tolist(), self.token_index(pos).tolist()))
+        n = int(compact())  # the next position: len(cells), or more (iSWA window, per-head cells)
+        pos, cell = (np.asarray(a, dtype=np.int64) for a in cells())
+        assert n >= len(pos) and (len(pos) == 0 or pos.max() < n), (n, len(pos))
+        # positions below n that hold no cell (-1): below the first cell on iSWA memory
+        # whose window holds more tokens than the global cache; with per-head cells, those
+        # that only other heads hold
+        self.renumbered = np.full(n, -1, dtype=np.int64)
+        self.renumbered[pos] = [token_of_cell[c] for c in cell.tolist()]
         self.offset = next_token_index - n
+        self.floor = n
         self.n_compactions += 1
         self.compact_seconds += time.perf_counter() - t0
 
     # -- save_state / load_state ------------------------------------------------
     def snapshot(self) -> dict:
-        return {"renumbered": self.renumbered.copy(), "offset": int(self.offset)}
+        return {"renumbered": self.renumbered.copy(), "offset": int(self.offset), "floor": int(self.floor)}
 
     def restore(self, snap: Optional[dict], n_tokens: int, max_position: Optional[int]) -> None:
         """After a state restore: the saved map, or (a state without one) the offset implied
@@ -131,6 +148,7 @@ class PositionMap:
         if snap is not None:
             self.renumbered = np.asarray(snap["renumbered"], dtype=np.int64).copy()
             self.offset = int(snap["offset"])
+            self.floor = int(snap.get("floor", 0))
             return
         self.reset()
         if max_position is not None and n_tokens > 0:

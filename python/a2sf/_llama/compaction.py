@@ -88,8 +88,7 @@ class PositionCompaction(PolicyBase):
         ctx = self._a2sf_ctx()
         c = core()
         if m.wants_compaction(n_past, n_new, lambda: int(c.n_cells(ctx, 0))):
-            positions = c.scores(ctx, 0)[0]
-            m.compact(n_past, positions, lambda: c.compact(ctx, 0))
+            m.compact(n_past, lambda: c.scores(ctx, 0)[:2], lambda: c.compact(ctx, 0))
 
     def _a2sf_token_index(self, positions: np.ndarray) -> np.ndarray:
         m = self._a2sf_positions

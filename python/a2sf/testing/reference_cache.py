@@ -31,8 +31,9 @@ class UnitCachedReference:
     """:class:`CachedReference` with each (layer, KV head) holding its own tokens.
 
     After eviction per layer or per head (granularity ``"layer"``/``"head"``), every
-    unit keeps its own keys, and a compaction renumbers each unit's keys 0..n-1 in its
-    own order, rotating them by their own deltas. ``keep(l, h, token_indices)`` is a
+    unit keeps its own keys, and a compaction renumbers the positions any unit holds
+    0..m-1 (one numbering: a token keeps one position in every unit), rotating each key
+    by its own delta. ``keep(l, h, token_indices)`` is a
     unit's eviction; :meth:`step` and :meth:`compact` are as in CachedReference.
     """
 
@@ -80,13 +81,20 @@ class UnitCachedReference:
         for a in (self.k, self.v, self.unit_pos, self.tok):
             a[il][hk] = a[il][hk][sel]
 
-    def compact(self) -> None:
+    def compact(self, per_unit: bool = False) -> None:
+        """Renumber the held keys and rotate each by its change of position: the positions
+        any unit holds become 0..m-1, one numbering for all units (``per_unit``: each
+        unit's own 0..n-1 instead, the engine's fallback near the training context)."""
+        held = np.unique(np.concatenate([p for row in self.unit_pos for p in row] + [np.zeros(0, np.int64)]))
         for il in range(self.ref.n_layer):
             for hk in range(self.ref.n_head_kv):
                 order = np.argsort(self.unit_pos[il][hk], kind="stable")
                 for a in (self.k, self.v, self.unit_pos, self.tok):
                     a[il][hk] = a[il][hk][order]
-                new = np.arange(len(order), dtype=np.int64)
+                if per_unit:
+                    new = np.arange(len(order), dtype=np.int64)
+                else:
+                    new = np.searchsorted(held, self.unit_pos[il][hk]).astype(np.int64)
                 delta = new - self.unit_pos[il][hk]
                 self.k[il][hk] = self.ref._rope(self.k[il][hk][:, None, :], delta)[:, 0, :]
                 self.unit_pos[il][hk] = new
