@@ -111,18 +111,23 @@ def test_core_set_policy_accepts_or_raises(core, live, kind, alpha, value_aware,
     core.set_policy(ctx, **live.kv_policy.to_native())  # back to the object's policy
 
 
-def _check_cache(llm):
+def _check_cache(llm, policies=()):
+    """``policies``: every policy the cache evicted under since it was filled; a sink or a
+    recent cell is one under each of them (a later policy cannot protect what an earlier
+    one evicted)."""
     s = llm.kv_scores()
     pos = s.token_index.tolist()  # the tokens kept (compaction renumbers positions)
     assert pos == sorted(set(pos))
     assert np.isfinite(s.scores).all() and (s.scores >= 0).all()
     assert llm.kv_stats()["cells_used"] == len(pos) == llm.kv_n_cells()
     assert len(pos) <= llm.n_ctx()
-    pol = llm.kv_policy
+    pols = [p for p in (*policies, llm.kv_policy) if p is not None]
     n = llm.n_tokens
-    if pol is not None and pos:
-        assert set(range(min(pol.n_sink, n))) <= set(pos), "a sink was evicted"
-        assert set(range(max(0, n - pol.recent_window(len(pos))), n)) <= set(pos), "a recent cell was evicted"
+    if pols and pos:
+        n_sink = min(p.n_sink for p in pols)
+        n_recent = min(p.recent_window(len(pos)) for p in pols)
+        assert set(range(min(n_sink, n))) <= set(pos), "a sink was evicted"
+        assert set(range(max(0, n - n_recent), n)) <= set(pos), "a recent cell was evicted"
 
 
 op = st.one_of(
@@ -142,9 +147,14 @@ op = st.one_of(
 def test_scores_api_sequences(core, tiny_f32, ops, seed):
     rng = np.random.default_rng(seed)
     llm = Llama(tiny_f32, n_ctx=256, kv_policy="a2sf", n_batch=32, **COMMON)
+    earlier = []  # policies the cache held before the current one
     try:
         for o in ops:
             name = o[0]
+            if name == "policy":
+                earlier.append(llm.kv_policy)
+            elif name == "reset":
+                earlier = []
             try:
                 if name == "eval":
                     llm.eval(rng.integers(3, 300, size=o[1]).tolist())
@@ -164,10 +174,10 @@ def test_scores_api_sequences(core, tiny_f32, ops, seed):
             except (TypeError, ValueError) as e:
                 assert str(e)
             if llm.n_tokens == llm.kv_n_cells() or llm.kv_stats()["evictions"] or name == "evict":
-                _check_cache(llm)
+                _check_cache(llm, earlier)
         # the object still works at the end
         llm.eval([5, 6])
-        _check_cache(llm)
+        _check_cache(llm, earlier)
     finally:
         llm.close()
 

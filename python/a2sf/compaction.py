@@ -95,11 +95,18 @@ class PositionMap:
         out[old] = self.renumbered[positions[old]]
         return out
 
-    def wants_compaction(self, next_token_index: int, n_new: int, n_cells: Callable[[], int]) -> bool:
-        """Whether to compact before evaluating ``n_new`` tokens from ``next_token_index`` on."""
+    def wants_compaction(self, next_token_index: int, n_new: int, n_cells: Callable[[], int],
+                         pos_max: Optional[Callable[[], int]] = None) -> bool:
+        """Whether to compact before evaluating ``n_new`` tokens from ``next_token_index`` on.
+
+        ``pos_max()``: the sequence's highest cache position. llama.cpp takes a batch only at
+        the position after it, so when the newest tokens were evicted outside a decode
+        (``kv_evict``), compaction closes the gap in any mode but "absolute"."""
         if self.mode == "absolute":
             return False
         next_pos = self.position_of(next_token_index)
+        if pos_max is not None and 0 <= pos_max() + 1 < next_pos:
+            return True
         if self.mode == "training":
             return next_pos + n_new > self.limit
         # "cache": the positions would reach the bound, and cells were evicted since the

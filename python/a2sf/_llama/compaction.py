@@ -87,7 +87,9 @@ class PositionCompaction(PolicyBase):
             return
         ctx = self._a2sf_ctx()
         c = core()
-        if m.wants_compaction(n_past, n_new, lambda: int(c.n_cells(ctx, 0))):
+        mem = llama_cpp.llama_get_memory(self._ctx.ctx)
+        if m.wants_compaction(n_past, n_new, lambda: int(c.n_cells(ctx, 0)),
+                              lambda: int(llama_cpp.llama_memory_seq_pos_max(mem, 0))):
             m.compact(n_past, lambda: c.scores(ctx, 0)[:2], lambda: c.compact(ctx, 0))
 
     def _a2sf_token_index(self, positions: np.ndarray) -> np.ndarray:
