@@ -164,7 +164,7 @@ def section_compress(model: str, n_prompt: int, budget: int, n_decode: int, poli
         f"interleaved runs; `Llama(kv_budget={budget})`: the prompt is read with a full cache, then compressed "
         f"once by the policy (per head by default) and the kept cells moved to the front; then {n_decode} tokens "
         f"are decoded greedily (vanilla: over all {n_prompt} cells). Compression = the kv_compress call (scores "
-        f"read, ranking, per-head moves, compaction); moved = K/V bytes the per-head moves copied_",
+        f"read, ranking, per-head moves, moves to the front); moved = K/V bytes those moves copied_",
         "",
         "| policy | cells when decoding | decode t/s | ratio | compression ms | moved MiB | compression / decode time |",
         "|---|---:|---:|---:|---:|---:|---:|",
