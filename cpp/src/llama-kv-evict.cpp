@@ -432,14 +432,12 @@ int32_t llama_kv_score_access::evict_seq_impl(llama_context & lctx, llama_kv_cac
             // a cell's llama.cpp position follows the token its first unit (layer 0, head 0)
             // holds, so kv_scores()'s positions, the token index and compaction agree on what
             // a cell holds (every kept token is older than any query: the mask is unchanged)
-            if (n_units > 0) {
-                for (const auto & [src, dst] : moves[0]) {
-                    const llama_pos p = u.pos[u.at(strm, 0, dst)];
-                    if (cells.pos_get(dst) != p) {
-                        cells.rm(dst);
-                        cells.pos_set(dst, p);
-                        cells.seq_add(dst, seq_id);
-                    }
+            for (const auto & [src, dst] : moves[0]) {
+                const llama_pos p = u.pos[u.at(strm, 0, dst)];
+                if (cells.pos_get(dst) != p) {
+                    cells.rm(dst);
+                    cells.pos_set(dst, p);
+                    cells.seq_add(dst, seq_id);
                 }
             }
         }

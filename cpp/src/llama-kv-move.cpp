@@ -76,6 +76,24 @@ bool llama_kv_score_access::compute_side_graph(llama_context & lctx, const char 
     return ok;
 }
 
+namespace {
+
+// where the (cell c, head h) unit row of stream strm lies in each tensor (the layout above);
+// the host copies and the graph's indices both take it from here
+struct unit_layout {
+    int64_t  kv_size;
+    int64_t  nh;  // the layer's KV heads
+    int64_t  hdv;
+    int64_t  ne0; // rows of the transposed V per stream (as llama_kv_cache::set_input_v_idxs)
+    uint32_t strm;
+
+    int64_t row(uint32_t c, int64_t h) const { return (strm*kv_size + c)*nh + h; } // K, untransposed V, vnorm
+    int64_t score(uint32_t c, int64_t h) const { return (strm*nh + h)*kv_size + c; }
+    int64_t v_trans(int64_t h, int64_t d, uint32_t c) const { return (strm*ne0 + h*hdv + d)*kv_size + c; }
+};
+
+} // namespace
+
 // every tensor the moves touch is in host memory, laid out as the graph below views it
 bool llama_kv_score_access::moves_on_host(const llama_kv_cache & kv) {
     const char * force = getenv("A2SF_MOVES_ON_GRAPH");
@@ -109,39 +127,38 @@ bool llama_kv_score_access::move_unit_rows(llama_context & lctx, llama_kv_cache 
     const int64_t t0 = ggml_time_us();
     int64_t n_bytes = 0;
 
-    if (moves_on_host(kv)) {
+    const bool on_host = moves_on_host(kv);
+    if (on_host) {
         lctx.synchronize(); // no computation may still write the cache
-        const int64_t  kv_size = kv.get_size();
-        const uint32_t nh_max  = std::max<int32_t>(1, n_head_kv(kv));
+        const uint32_t nh_max = std::max<int32_t>(1, n_head_kv(kv));
         uint32_t il_scored = 0;
         for (const auto & layer : kv.layers) {
             if (layer.score == nullptr) {
                 continue;
             }
-            const uint32_t il  = layer.il;
-            const int64_t  nh  = layer.score->ne[1];
-            const int64_t  hdv = kv.hparams.n_embd_head_v(il);
-            const size_t   k_row = ggml_row_size(layer.k->type, kv.hparams.n_embd_head_k(il));
-            const size_t   v_row = layer.v ? ggml_row_size(layer.v->type, hdv) : 0;
-            const size_t   v_el  = layer.v ? ggml_type_size(layer.v->type) : 0;
-            const size_t   n_el  = ggml_element_size(layer.vnorm);
-            const size_t   s_el  = ggml_element_size(layer.score);
-            const int64_t  ne0   = kv.hparams.n_embd_v_gqa_max(); // the transposed V's rows per stream
+            const uint32_t    il = layer.il;
+            const unit_layout at{ (int64_t) kv.get_size(), layer.score->ne[1], kv.hparams.n_embd_head_v(il),
+                                  kv.hparams.n_embd_v_gqa_max(), strm };
+            const size_t k_row = ggml_row_size(layer.k->type, kv.hparams.n_embd_head_k(il));
+            const size_t v_row = layer.v ? ggml_row_size(layer.v->type, at.hdv) : 0;
+            const size_t v_el  = layer.v ? ggml_type_size(layer.v->type) : 0;
+            const size_t n_el  = ggml_element_size(layer.vnorm);
+            const size_t s_el  = ggml_element_size(layer.score);
             auto * k  = (uint8_t *) layer.k->data;
             auto * v  = layer.v ? (uint8_t *) layer.v->data : nullptr;
             auto * vn = (uint8_t *) layer.vnorm->data;
             auto * sc = (uint8_t *) layer.score->data;
-            for (int64_t h = 0; h < nh; ++h) {
+            for (int64_t h = 0; h < at.nh; ++h) {
                 const uint32_t unit = il_scored*nh_max + (uint32_t) h;
                 if (unit >= moves.size()) {
                     continue;
                 }
                 for (const auto & [src, dst] : moves[unit]) {
-                    const int64_t rs = (strm*kv_size + src)*nh + h; // the (cell, head) row, as in the graph
-                    const int64_t rd = (strm*kv_size + dst)*nh + h;
+                    const int64_t rs = at.row(src, h);
+                    const int64_t rd = at.row(dst, h);
                     memcpy(k + rd*k_row, k + rs*k_row, k_row);
                     memcpy(vn + rd*n_el, vn + rs*n_el, n_el);
-                    memcpy(sc + ((strm*nh + h)*kv_size + dst)*s_el, sc + ((strm*nh + h)*kv_size + src)*s_el, s_el);
+                    memcpy(sc + at.score(dst, h)*s_el, sc + at.score(src, h)*s_el, s_el);
                     if (v != nullptr && !kv.v_trans) {
                         memcpy(v + rd*v_row, v + rs*v_row, v_row);
                     }
@@ -150,8 +167,8 @@ bool llama_kv_score_access::move_unit_rows(llama_context & lctx, llama_kv_cache 
                 // transposed V: a row per channel, a cell per element; each row takes all the
                 // moves before the next (the rows lie kv_size elements apart)
                 if (v != nullptr && kv.v_trans) {
-                    for (int64_t d = 0; d < hdv; ++d) {
-                        uint8_t * row = v + (strm*ne0 + h*hdv + d)*kv_size*v_el;
+                    for (int64_t d = 0; d < at.hdv; ++d) {
+                        uint8_t * row = v + at.v_trans(h, d, 0)*v_el;
                         if (v_el == 2) {
                             auto * r16 = (uint16_t *) row;
                             for (const auto & [src, dst] : moves[unit]) {
@@ -167,17 +184,10 @@ bool llama_kv_score_access::move_unit_rows(llama_context & lctx, llama_kv_cache 
             }
             ++il_scored;
         }
-        auto & st = lctx.kv_score;
-        st.n_move_events++;
-        st.n_host_moves++;
-        st.n_bytes_moved += n_bytes;
-        st.t_move_us     += ggml_time_us() - t0;
-        return true;
     }
 
-    const bool ok = compute_side_graph(lctx, "moves KV rows", [&](ggml_context * ctx, ggml_cgraph * gf,
-                                                                  llm_graph_input_side & inp) {
-        const int64_t kv_size  = kv.get_size();
+    const bool ok = on_host || compute_side_graph(lctx, "moves KV rows", [&](ggml_context * ctx, ggml_cgraph * gf,
+                                                                             llm_graph_input_side & inp) {
         const uint32_t nh_max  = std::max<int32_t>(1, n_head_kv(kv));
 
         // one gather + scatter of `rows` rows of width `width` of tensor t (viewed 2-D)
@@ -201,28 +211,27 @@ bool llama_kv_score_access::move_unit_rows(llama_context & lctx, llama_kv_cache 
             if (layer.score == nullptr) {
                 continue;
             }
-            const uint32_t il  = layer.il;
-            const int64_t  nh  = layer.score->ne[1]; // this layer's KV heads
-            const int64_t  hdk = kv.hparams.n_embd_head_k(il);
-            const int64_t  hdv = kv.hparams.n_embd_head_v(il);
+            const uint32_t    il  = layer.il;
+            const int64_t     hdk = kv.hparams.n_embd_head_k(il);
+            const int64_t     hdv = kv.hparams.n_embd_head_v(il);
+            const unit_layout at{ (int64_t) kv.get_size(), layer.score->ne[1], hdv, kv.hparams.n_embd_v_gqa_max(), strm };
 
             std::vector<int32_t> k_src, s_src, v_src;
             std::vector<int64_t> k_dst, s_dst, v_dst;
-            for (int64_t h = 0; h < nh; ++h) {
+            for (int64_t h = 0; h < at.nh; ++h) {
                 const uint32_t unit = il_scored*nh_max + (uint32_t) h;
                 if (unit >= moves.size()) {
                     continue;
                 }
                 for (const auto & [src, dst] : moves[unit]) {
-                    k_src.push_back((int32_t) ((strm*kv_size + src)*nh + h));
-                    k_dst.push_back((int64_t) ((strm*kv_size + dst)*nh + h));
-                    s_src.push_back((int32_t) ((strm*nh + h)*kv_size + src));
-                    s_dst.push_back((int64_t) ((strm*nh + h)*kv_size + dst));
+                    k_src.push_back((int32_t) at.row(src, h));
+                    k_dst.push_back(at.row(dst, h));
+                    s_src.push_back((int32_t) at.score(src, h));
+                    s_dst.push_back(at.score(dst, h));
                     if (kv.v_trans && layer.v) {
-                        const int64_t ne0 = kv.hparams.n_embd_v_gqa_max(); // as llama_kv_cache::set_input_v_idxs
                         for (int64_t d = 0; d < hdv; ++d) {
-                            v_src.push_back((int32_t) ((strm*ne0 + h*hdv + d)*kv_size + src));
-                            v_dst.push_back((int64_t) ((strm*ne0 + h*hdv + d)*kv_size + dst));
+                            v_src.push_back((int32_t) at.v_trans(h, d, src));
+                            v_dst.push_back(at.v_trans(h, d, dst));
                         }
                     }
                 }
@@ -249,6 +258,7 @@ bool llama_kv_score_access::move_unit_rows(llama_context & lctx, llama_kv_cache 
 
     auto & st = lctx.kv_score;
     st.n_move_events += ok;
+    st.n_host_moves  += on_host;
     st.n_bytes_moved += ok ? n_bytes : 0;
     st.t_move_us     += ggml_time_us() - t0;
 

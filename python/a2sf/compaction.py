@@ -60,10 +60,6 @@ class PositionMap:
     renumbered: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     #: token index - cache position, for the positions >= len(renumbered)
     offset: int = 0
-    #: the next position right after the last compaction: with per-head cells it can pass
-    #: the cells held (one numbering for all heads), and compacting again lowers positions
-    #: only once the stream has gone on past it
-    floor: int = 0
     n_compactions: int = 0
     compact_seconds: float = 0.0
 
@@ -71,7 +67,6 @@ class PositionMap:
         """An empty sequence: both numberings start again at 0."""
         self.renumbered = np.zeros(0, dtype=np.int64)
         self.offset = 0
-        self.floor = 0
 
     @property
     def n_unheld(self) -> int:
@@ -121,7 +116,9 @@ class PositionMap:
         context."""
         if self.cache_cells <= 0:
             return 0
-        return min(self.limit, max(2 * self.cache_cells, self.floor + self.cache_cells))
+        # len(renumbered): the next position right after the last compaction; with per-head
+        # cells it can pass the cells held, and compacting lowers positions only past it
+        return min(self.limit, max(2 * self.cache_cells, len(self.renumbered) + self.cache_cells))
 
     def compact(self, next_token_index: int, cells: Callable[[], tuple], compact: Callable[[], int]) -> None:
         """Run ``compact()`` (a2sf._core.compact for seq 0) and renumber the map.
@@ -141,13 +138,12 @@ class PositionMap:
         self.renumbered = np.full(n, -1, dtype=np.int64)
         self.renumbered[pos] = [token_of_cell[c] for c in cell.tolist()]
         self.offset = next_token_index - n
-        self.floor = n
         self.n_compactions += 1
         self.compact_seconds += time.perf_counter() - t0
 
     # -- save_state / load_state ------------------------------------------------
     def snapshot(self) -> dict:
-        return {"renumbered": self.renumbered.copy(), "offset": int(self.offset), "floor": int(self.floor)}
+        return {"renumbered": self.renumbered.copy(), "offset": int(self.offset)}
 
     def restore(self, snap: Optional[dict], n_tokens: int, max_position: Optional[int]) -> None:
         """After a state restore: the saved map, or (a state without one) the offset implied
@@ -155,7 +151,6 @@ class PositionMap:
         if snap is not None:
             self.renumbered = np.asarray(snap["renumbered"], dtype=np.int64).copy()
             self.offset = int(snap["offset"])
-            self.floor = int(snap.get("floor", 0))
             return
         self.reset()
         if max_position is not None and n_tokens > 0:

@@ -87,9 +87,11 @@ class PositionCompaction(PolicyBase):
             return
         ctx = self._a2sf_ctx()
         c = core()
-        mem = llama_cpp.llama_get_memory(self._ctx.ctx)
-        if m.wants_compaction(n_past, n_new, lambda: int(c.n_cells(ctx, 0)),
-                              lambda: int(llama_cpp.llama_memory_seq_pos_max(mem, 0))):
+
+        def pos_max() -> int:
+            return int(llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(self._ctx.ctx), 0))
+
+        if m.wants_compaction(n_past, n_new, lambda: int(c.n_cells(ctx, 0)), pos_max):
             m.compact(n_past, lambda: c.scores(ctx, 0)[:2], lambda: c.compact(ctx, 0))
 
     def _a2sf_token_index(self, positions: np.ndarray) -> np.ndarray:
