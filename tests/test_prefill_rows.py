@@ -39,3 +39,29 @@ def test_scores_with_skipped_rows_equal_the_full_reference(tiny_f32, alpha, valu
     rtol = 2e-2 if flash_attn else 1e-4  # CPU flash attention's probabilities pass through F16
     np.testing.assert_allclose(got, want, rtol=rtol, atol=1e-4 if not flash_attn else 5e-3)
     llm.close()
+
+
+@pytest.mark.parametrize("policy,kw", [("h2o", {}), ("vatp", {}), ("mean", {}),
+                                       ("a2sf", {"forgetting_factor": 0.95, "decode_scoring": "eager"})],
+                         ids=["h2o", "vatp", "mean", "a2sf-eager"])
+def test_flash_attention_prefill_that_scores_every_row_is_as_exact_as_without(tiny_f32, policy, kw):
+    # A ubatch whose every query row counts (alpha = 1; alpha = 0.95 scored eagerly counts
+    # 373 rows, more than the ubatch) takes the unfused attention with flash attention on:
+    # its scores and logits carry no F16 rounding of the fused kernel, so the FA-off
+    # tolerance of the test above holds in every layer (with the fused kernel, layer 1
+    # already reads layer 0's F16-rounded output: errors of ~1e-3 in scores, ~1e-2 in logits)
+    ub = 128
+    n = 200
+    ref = ReferenceLlama(tiny_f32)
+    toks = [int(t) for t in np.random.default_rng(2).integers(3, 290, n)]
+    llm = Llama(tiny_f32, n_ctx=256, n_batch=ub, n_ubatch=ub, n_threads=1, kv_policy=policy, flash_attn=True,
+                type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, n_sink=1, n_recent=1, logits_all=True, verbose=False, **kw)
+    llm.eval(toks)
+    assert llm.kv_stats()["lazy_queries"] == 0  # scored in the ubatch's own graph
+    got = llm.kv_scores().scores
+    fr = ref.forward(toks)
+    alpha = kw.get("forgetting_factor", 1.0)
+    want = accumulate_scores(fr.probs, fr.v_l1, ubatch_sizes(n, ub), alpha, policy == "vatp")
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(llm.scores[:n]), fr.logits, rtol=1e-4, atol=1e-4)
+    llm.close()

@@ -261,6 +261,34 @@ void llama_kv_score_access::build_store_vnorm(const llm_graph_context & g, const
     ggml_build_forward_expand(g.gf, ggml_set_rows(ctx0, dst, vn, k_idxs));
 }
 
+bool llama_kv_score_access::attn_unfused(const llm_graph_context & g, int il) {
+    const auto & cfg = g.cparams.kv_policy;
+    if (!cfg.scored() || g.cparams.training || g.mctx == nullptr) {
+        return false;
+    }
+    const llama_kv_cache_context * mctx = nullptr;
+    if (const auto * iswa = dynamic_cast<const llama_kv_cache_iswa_context *>(g.mctx)) {
+        mctx = iswa->get_base();
+    } else {
+        mctx = dynamic_cast<const llama_kv_cache_context *>(g.mctx);
+    }
+    if (mctx == nullptr) {
+        return false;
+    }
+    const llama_kv_cache & kv = *mctx->kv;
+    const auto it = kv.map_layer_ids.find(il);
+    if (it == kv.map_layer_ids.end() || kv.layers[it->second].score == nullptr || kv.a2sf_units.lazy.step_lazy) {
+        return false;
+    }
+    // a ubatch of a few tokens keeps the fused kernel: the unfused path copies the whole
+    // V to transpose it (a flash-attention cache stores V untransposed), a pass that a few
+    // recomputed probability rows do not repay
+    const int64_t min_rows = 16;
+    const int64_t n_stream = mctx->sinfos[mctx->i_cur].n_stream();
+    const int64_t n_tps    = g.ubatch.n_tokens/n_stream;
+    return n_tps >= min_rows && score_rows(cfg, g.ubatch, n_tps, n_stream) == n_tps;
+}
+
 void llama_kv_score_access::build_update(const llm_graph_context & g, const llm_graph_input_attn_kv * inp,
                                          ggml_tensor * q_cur, ggml_tensor * k, ggml_tensor * kq_mask,
                                          float kq_scale, ggml_tensor * attn_out, int il) {
@@ -396,7 +424,19 @@ void llama_kv_score_access::build_score_add(ggml_context * ctx0, ggml_cgraph * g
     ggml_tensor * wq = ggml_repeat_4d(ctx0, w, n_tps, n_group, n_head_kv, n_stream);
     wq = ggml_reshape_4d(ctx0, wq, 1, n_tps*n_group, n_head_kv, n_stream);
 
-    ggml_tensor * contrib = ggml_out_prod(ctx0, p4, wq);               // [n_kv, 1, n_head_kv, n_stream]
+    // the CPU out_prod splits its output rows among the threads, and there is one row per
+    // KV head (3 for SmolLM2): cut each into n_chunk pieces of cells, so the single pass
+    // over the probabilities, which dominates scoring with the unfused attention, runs
+    // on every thread. The pieces lie end to end, so the result's layout is unchanged.
+    // (Device backends compute out_prod as one GEMM: one chunk.)
+    const int64_t n_chunk = ggml_backend_buffer_is_host(layer.score->buffer) && n_kv % 8 == 0 ? 8 : 1;
+    ggml_tensor * pc = ggml_view_4d(ctx0, p4, n_kv/n_chunk, n_tps*n_group, n_chunk, n_head_kv*n_stream,
+                                    p4->nb[1], (n_kv/n_chunk)*p4->nb[0], p4->nb[2], 0); // [n_kv/n_chunk, R, n_chunk, n_head_kv*n_stream]
+    ggml_tensor * wc = ggml_reshape_4d(ctx0, wq, 1, n_tps*n_group, 1, n_head_kv*n_stream);
+    if (n_chunk > 1) {
+        wc = ggml_repeat_4d(ctx0, wc, 1, n_tps*n_group, n_chunk, n_head_kv*n_stream);
+    }
+    ggml_tensor * contrib = ggml_out_prod(ctx0, pc, wc);               // [n_kv/n_chunk, 1, n_chunk, n_head_kv*n_stream]
     contrib = ggml_reshape_3d(ctx0, contrib, n_kv, n_head_kv, n_stream);
 
     // score: F32 [kv_size, n_head_kv, n_stream]; the first n_kv cells of the ubatch's streams

@@ -144,6 +144,12 @@ struct llama_kv_score_access {
     static void build_store_vnorm(const llm_graph_context & g, const llama_kv_cache_context * mctx,
                                   ggml_tensor * v_cur, ggml_tensor * k_idxs, int il);
 
+    // llm_graph_context::build_attn_mha, with flash attention on: true when layer il of this
+    // ubatch must score every query row (alpha = 1, or a short ubatch scored eagerly), so the
+    // unfused path materialises the probabilities once instead of the fused kernel plus a
+    // second K*Q product and softmax for the scores (decode and lazily scored steps: false)
+    static bool attn_unfused(const llm_graph_context & g, int il);
+
     // llm_graph_context::build_attn (KV cache variant), after attention:
     // S <- alpha^n * S + sum_q alpha^(n-1-q) * sum_heads P[q, head, cell]
     static void build_update(const llm_graph_context & g, const llm_graph_input_attn_kv * inp,
