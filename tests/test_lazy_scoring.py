@@ -208,6 +208,32 @@ def test_two_sequences_decoding_lazily_match_the_reference(core, tiny_f32, kv_un
         c.close()
 
 
+@pytest.mark.parametrize("policy,kw", POLICIES, ids=[p for p, _ in POLICIES])
+def test_auto_scores_each_decode_step_of_a_cpu_cache_in_its_own_graph(core, tiny_f32, policy, kw):
+    # the default: on a host cache a decode step takes the unfused attention and scores in
+    # its own graph (nothing deferred); alpha < 1 prompts still go through the window ring
+    tokens = _tokens(N_PROMPT + N_DECODE)
+    llm = Llama(tiny_f32, n_ctx=256, n_batch=16, n_ubatch=8, n_threads=1, n_threads_batch=1, type_k=GGML_TYPE_F32,
+                type_v=GGML_TYPE_F32, flash_attn=True, logits_all=True, verbose=False, kv_policy=policy, **kw)
+    assert llm.kv_policy.decode_scoring == "auto"
+    _feed(llm, tokens, N_PROMPT)
+    got = llm.kv_scores().scores
+    stats = llm.kv_stats()
+    pol = make_policy(policy, **kw)
+    fr = ReferenceLlama(tiny_f32).forward(tokens)
+    want = accumulate_scores(fr.probs, fr.v_l1, [8, 8, 8] + [1] * N_DECODE, pol.forgetting_factor, pol.value_aware)
+    if pol.forgetting_factor < 1:
+        assert stats["lazy_queries"] == N_PROMPT  # the prompt's window; no decode step
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-4)
+    else:
+        # no fused kernel anywhere: every layer and the logits read exact F32 attention
+        assert stats["lazy_queries"] == 0
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+        logits = np.asarray(llm.scores[:len(tokens)])
+        np.testing.assert_allclose(logits, fr.logits, rtol=1e-4, atol=1e-4)
+    llm.close()
+
+
 def test_decode_scoring_rejects_unknown_values(tiny_f32):
-    with pytest.raises(ValueError, match="decode_scoring must be one of eager, lazy, got 'later'"):
+    with pytest.raises(ValueError, match="decode_scoring must be one of eager, lazy, auto, got 'later'"):
         _llm(tiny_f32, "later", kv_policy="a2sf")

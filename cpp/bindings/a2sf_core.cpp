@@ -155,7 +155,7 @@ PYBIND11_MODULE(_core, m) {
             if (granularity < LLAMA_KV_GRANULARITY_AUTO || granularity > LLAMA_KV_GRANULARITY_HEAD) {
                 throw py::value_error("unknown granularity " + std::to_string(granularity));
             }
-            if (decode_scoring < LLAMA_KV_DECODE_SCORING_EAGER || decode_scoring > LLAMA_KV_DECODE_SCORING_LAZY) {
+            if (decode_scoring < LLAMA_KV_DECODE_SCORING_EAGER || decode_scoring > LLAMA_KV_DECODE_SCORING_AUTO) {
                 throw py::value_error("unknown decode_scoring " + std::to_string(decode_scoring));
             }
             llama_kv_policy_params p = llama_kv_policy_default_params();

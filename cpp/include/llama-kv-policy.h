@@ -39,12 +39,19 @@ enum llama_kv_granularity {
 #define LLAMA_KV_RECENT_HALF (-1)
 
 // How queries are scored when flash attention is on (it never materialises the
-// attention probabilities, so scoring needs its own K.q per layer). Both are exact.
+// attention probabilities). All are exact. A ubatch scored in its own graph whose every
+// query row counts runs the layer's attention unfused (on a device cache: from 16 tokens
+// per stream), so the probabilities are computed once; otherwise it adds a K.q and
+// softmax over the rows that count.
 enum llama_kv_decode_scoring {
-    LLAMA_KV_DECODE_SCORING_EAGER = 0, // every ubatch runs its own K.q and softmax per scored layer
+    LLAMA_KV_DECODE_SCORING_EAGER = 0, // every ubatch is scored in its own graph
     LLAMA_KV_DECODE_SCORING_LAZY  = 1, // decode steps (and for alpha < 1 prefill ubatches) store Q; one
                                        // batched product scores them when the scores are needed
                                        // (eviction, reads, state, memory ops)
+    LLAMA_KV_DECODE_SCORING_AUTO  = 2, // lazy, but a decode step of a cache in host memory is scored
+                                       // in its own graph: the CPU's unfused attention for one query
+                                       // is faster than its flash-attention kernel, so no product is
+                                       // left to defer
 };
 
 struct llama_kv_policy_params {

@@ -23,7 +23,7 @@ inline llama_kv_policy_params llama_kv_policy_defaults() {
     p.seed              = 0;
     p.granularity       = LLAMA_KV_GRANULARITY_AUTO;
     p.mean_attention    = false;
-    p.decode_scoring    = LLAMA_KV_DECODE_SCORING_LAZY;
+    p.decode_scoring    = LLAMA_KV_DECODE_SCORING_AUTO;
     return p;
 }
 
@@ -76,7 +76,12 @@ struct llama_kv_policy_cfg {
     }
 
     // decode steps with flash attention store their queries for one batched product
-    bool lazy_decode() const { return scored() && params.decode_scoring == LLAMA_KV_DECODE_SCORING_LAZY; }
+    bool lazy_decode() const {
+        return scored() && (params.decode_scoring == LLAMA_KV_DECODE_SCORING_LAZY ||
+                            params.decode_scoring == LLAMA_KV_DECODE_SCORING_AUTO);
+    }
+    // decode steps of a cache in host memory are scored in their own graph (auto)
+    bool eager_host_decode() const { return params.decode_scoring == LLAMA_KV_DECODE_SCORING_AUTO; }
 
     // the engine tracks what each (layer, head) holds in each cell (llama_kv_units)
     bool tracks_units() const { return scored() && (granularity() != LLAMA_KV_GRANULARITY_TOKEN || params.mean_attention); }

@@ -32,7 +32,7 @@ int32_t llama_kv_policy_set(struct llama_context * ctx, const struct llama_kv_po
     if (p.granularity < LLAMA_KV_GRANULARITY_AUTO || p.granularity > LLAMA_KV_GRANULARITY_HEAD) {
         return LLAMA_KV_POLICY_ERR_ARG;
     }
-    if (p.decode_scoring < LLAMA_KV_DECODE_SCORING_EAGER || p.decode_scoring > LLAMA_KV_DECODE_SCORING_LAZY) {
+    if (p.decode_scoring < LLAMA_KV_DECODE_SCORING_EAGER || p.decode_scoring > LLAMA_KV_DECODE_SCORING_AUTO) {
         return LLAMA_KV_POLICY_ERR_ARG;
     }
 

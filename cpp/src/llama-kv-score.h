@@ -149,6 +149,8 @@ struct llama_kv_score_access {
     // unfused path materialises the probabilities once instead of the fused kernel plus a
     // second K*Q product and softmax for the scores (decode and lazily scored steps: false)
     static bool attn_unfused(const llm_graph_context & g, int il);
+    // every scored layer's K is in host memory (the CPU backend computes its attention)
+    static bool scores_on_host(const llama_kv_cache & kv);
 
     // llm_graph_context::build_attn (KV cache variant), after attention:
     // S <- alpha^n * S + sum_q alpha^(n-1-q) * sum_heads P[q, head, cell]

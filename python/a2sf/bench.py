@@ -44,8 +44,9 @@ from typing import List, Optional
 
 from .bench_common import greedy, open_llama, text_tokens
 
-#: a2sf+decode_scoring=eager: flash attention's per-step scoring, beside the default lazy one
-POLICIES = [None, "streaming", "h2o", "a2sf", "a2sf+decode_scoring=eager", "vatp", "tova", "mean"]
+#: a2sf+decode_scoring=lazy: decode steps deferred to one batched product (the default on a device), beside the
+#: default on the CPU (auto: each step scored in its own graph with the unfused attention)
+POLICIES = [None, "streaming", "h2o", "a2sf", "a2sf+decode_scoring=lazy", "vatp", "tova", "mean"]
 LONG_POLICIES = ["streaming", "a2sf"]
 
 
@@ -370,7 +371,7 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m a2sf.bench") -
                     help="overhead: flash attention settings to measure (long uses the first)")
     ap.add_argument("--reps", type=int, default=3, help="overhead: interleaved repetitions")
     ap.add_argument("--policies", nargs="+", default=[p for p in POLICIES if p], metavar="POLICY",
-                    help="overhead: policies beside vanilla (name[+setting=value], e.g. a2sf+decode_scoring=eager)")
+                    help="overhead: policies beside vanilla (name[+setting=value], e.g. a2sf+decode_scoring=lazy)")
     ap.add_argument("--decode", type=int, default=64, help="overhead: decoded tokens per measurement")
     ap.add_argument("--compress-prompt", type=int, default=4096, help="compress: prompt tokens")
     ap.add_argument("--compress-budget", type=int, default=1024, help="compress: cells kept (kv_budget)")

@@ -176,11 +176,13 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("mean_attention", bool, False, "rank by accumulated attention divided by the number of "
             "queries that saw the token (kvpress's ObservedAttention)",
             field="mean_attention", native="mean_attention"),
-    Setting("decode_scoring", str, "lazy", "with flash attention, how queries are scored (both exact): "
+    Setting("decode_scoring", str, "auto", "with flash attention, how queries are scored (all exact): "
             "lazy (store the queries of decode steps, and for alpha < 1 of prefill ubatches too, and "
-            "score them in one batched product when the scores are needed) or eager (one extra K.q "
-            "and softmax per ubatch)",
-            field="decode_scoring", native="decode_scoring", choices=("eager", "lazy")),
+            "score them in one batched product when the scores are needed), eager (each ubatch in its "
+            "own graph: the unfused attention where every query row counts, else one extra K.q and "
+            "softmax) or auto (lazy, but decode steps of a cache in host memory eager: the CPU's "
+            "unfused attention for one query is faster than its flash-attention kernel)",
+            field="decode_scoring", native="decode_scoring", choices=("eager", "lazy", "auto")),
     Setting("positions", str, None, "position compaction for endless streams: cache (renumber the kept "
             "cells, re-rotating K, before positions reach twice the cache), training (only before the "
             "model's training context), absolute (never; the completion API stops at max_positions). "
