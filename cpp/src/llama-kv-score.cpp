@@ -171,7 +171,7 @@ const llama_kv_cache_context * llama_kv_score_access::base_context(const llama_m
     if (const auto * iswa = dynamic_cast<const llama_kv_cache_iswa_context *>(mctx)) {
         return iswa->get_base();
     }
-    return static_cast<const llama_kv_cache_context *>(mctx);
+    return dynamic_cast<const llama_kv_cache_context *>(mctx); // nullptr: not a KV cache's context
 }
 
 bool llama_kv_score_access::is_swa_cache(const llama_kv_cache & kv) {
@@ -266,12 +266,7 @@ bool llama_kv_score_access::attn_unfused(const llm_graph_context & g, int il) {
     if (!cfg.scored() || g.cparams.training || g.mctx == nullptr) {
         return false;
     }
-    const llama_kv_cache_context * mctx = nullptr;
-    if (const auto * iswa = dynamic_cast<const llama_kv_cache_iswa_context *>(g.mctx)) {
-        mctx = iswa->get_base();
-    } else {
-        mctx = dynamic_cast<const llama_kv_cache_context *>(g.mctx);
-    }
+    const llama_kv_cache_context * mctx = base_context(g.mctx);
     if (mctx == nullptr) {
         return false;
     }
@@ -288,8 +283,12 @@ bool llama_kv_score_access::attn_unfused(const llm_graph_context & g, int il) {
     // takes it at every size there ("eager" keeps the fused kernel plus the product).
     const int64_t n_stream = mctx->sinfos[mctx->i_cur].n_stream();
     const int64_t n_tps    = g.ubatch.n_tokens/n_stream;
-    const int64_t min_rows = cfg.eager_host_decode() && scores_on_host(kv) ? 1 : 16;
+    const int64_t min_rows = unfused_host_decode(cfg, kv) ? 1 : 16;
     return n_tps >= min_rows && score_rows(cfg, g.ubatch, n_tps, n_stream) == n_tps;
+}
+
+bool llama_kv_score_access::unfused_host_decode(const llama_kv_policy_cfg & cfg, const llama_kv_cache & kv) {
+    return cfg.eager_host_decode() && scores_on_host(kv);
 }
 
 bool llama_kv_score_access::scores_on_host(const llama_kv_cache & kv) {
