@@ -284,3 +284,29 @@ def test_needle_records_keep_the_cell_budget(tiny_f32, tmp_path):
             assert r["label"].endswith("@32c") and r["metrics"]["max_cells"] == 32
     assert main(argv) == 0  # resumed: nothing new
     assert len((tmp_path / "needle.jsonl").read_text().splitlines()) == 6
+
+
+def test_mc_report_compares_policies_on_the_questions_both_answered(tmp_path):
+    """A config that ran only the first 2 of 4 questions is compared with streaming on those 2 (paired),
+    and its table cell says how many it ran."""
+    from a2sf.eval.report import render_section
+
+    def rec(policy, ratio, right):  # right: {question id: answered correctly}
+        qs = [{"id": i, "gold": 0, "pred": 0 if ok else 1, "pred_norm": 0 if ok else 1, "budget": 4}
+              for i, ok in right.items()]
+        return {"schema": 1, "task": "mc", "dataset": "arc_easy", "policy": policy, "ratio": ratio,
+                "alpha": None, "shots": 1, "window": 0, "settings": {"chunk_min": 8, "chunk_max": 64},
+                "settings_hash": "x", "model": {"file": "m.gguf", "size": 1, "sha256_first_mib": "0" * 64},
+                "code": {"a2sf_commit": "0" * 40, "llama_cpp_commit": "0" * 40}, "label": policy,
+                "metrics": {}, "questions": qs}
+
+    recs = [rec("none", None, {0: True, 1: True, 2: True, 3: True}),
+            rec("streaming", 0.2, {0: False, 1: True, 2: False, 3: False}),
+            rec("h2o", 0.2, {0: True, 1: True})]  # the first 2 questions only
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    section = render_section(tmp_path)
+    assert "| h2o | 0.2 | 100.0 / 100.0 (2) |" in section  # ran 2 of the column's 4
+    # paired on questions 0 and 1: h2o right on both, streaming on one -> +50 points over 2 questions
+    assert "| h2o | 0.2 | +50.0 +- 50.0 (2) | +50.0 +- 50.0 (2) |" in section
+    # the full cache against streaming on all 4: +75 points
+    assert "| none (full) | 0.2 | +75.0 +- 25.0 (4) |" in section

