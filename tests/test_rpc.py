@@ -8,7 +8,8 @@
   token and head: the same greedy tokens, the same kept cells (positions,
   token_index) and the same scores (rtol 1e-4) as the local CPU run;
 * llama-server ``--rpc 127.0.0.1:PORT -ngl 99 --kv-policy a2sf`` answers as the
-  local llama-server does, with the same eviction counters in /slots.
+  local llama-server does, with the same eviction counters in /slots; so does
+  ``python -m a2sf.server --rpc-servers 127.0.0.1:PORT`` (every layer there by default).
 
 Each run is its own process (ggml registers RPC devices process-wide, and an
 rpc-server serves one client at a time). The comparisons need an a2sf built with
@@ -283,3 +284,38 @@ def test_llama_server_rpc_answers_as_local(rpc_llama_server, smollm2, rpc_server
     assert proc.poll() is None, log.read_text()[-3000:]
     assert local[1]["evictions"] >= 3, local[1]
     assert remote == local
+
+
+def _python_completion(smollm2, extra, prompt, log):
+    """python -m a2sf.server (this build) on a free port: (completion text, /extras/kv_stats)."""
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    healthy = lambda: _answers(lambda: urllib.request.urlopen(base + "/v1/models", timeout=2).close())  # noqa: E731
+    with _running([sys.executable, "-m", "a2sf.server", "--model", smollm2, "--n_ctx", 128, "--n_threads", 1,
+                   "--n_threads_batch", 1, "--kv-policy", "a2sf", "--host", "127.0.0.1", "--port", port, *extra],
+                  log, healthy, f"a2sf.server {extra}", 180):
+        body = json.dumps({"prompt": prompt, "max_tokens": 260, "temperature": 0}).encode()
+        req = urllib.request.Request(base + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=600) as r:
+            text = json.loads(r.read())["choices"][0]["text"]
+        with urllib.request.urlopen(base + "/extras/kv_stats", timeout=30) as r:
+            stats = json.loads(r.read())
+        return text, stats
+
+
+@pytest.mark.slow
+def test_python_server_rpc_servers_answers_as_local(rpc_build, smollm2, rpc_server, tmp_path):
+    """python -m a2sf.server --rpc-servers: every layer (n_gpu_layers defaults to all) on the
+    rpc-server, the same completion and eviction counters as the local server."""
+    endpoint, proc, log = rpc_server
+    prompt = "Once upon a time, in a village near the forest, there lived a little girl who " * 4
+    local = _python_completion(smollm2, [], prompt, tmp_path / "local.log")
+    remote = _python_completion(smollm2, ["--rpc-servers", endpoint], prompt, tmp_path / "rpc.log")
+    assert proc.poll() is None, log.read_text()[-3000:]
+    remote_log = (tmp_path / "rpc.log").read_text()
+    assert f"RPC0[{endpoint}] KV buffer size" in remote_log, remote_log[-3000:]
+    assert "RPC0" not in (tmp_path / "local.log").read_text()
+    assert local[1]["evictions"] >= 3, local[1]
+    assert remote[0] == local[0]
+    for key in ("evictions", "cells_evicted", "n_cells", "n_tokens"):
+        assert remote[1][key] == local[1][key], key

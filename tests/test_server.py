@@ -226,3 +226,39 @@ def test_settings_from_command_line_and_config_file(tmp_path, monkeypatch):
     config.write_text(json.dumps({"models": [{"model": "a.gguf", "kv_policy": "a2sf", "forgetting_factor": 2}]}))
     with pytest.raises(SystemExit):
         parse_settings(["--config_file", str(config)])
+
+
+def test_rpc_servers_setting_is_checked_when_parsed_and_offloads_every_layer(monkeypatch):
+    """--rpc-servers (llama_cpp.server's setting, handed to a2sf.Llama(rpc_servers=...)): without
+    --n-gpu-layers every layer goes to the rpc-servers, as with Llama(rpc_servers=...)."""
+    from a2sf.server import parse_settings
+
+    monkeypatch.delenv("CONFIG_FILE", raising=False)
+    _, (model,) = parse_settings(["--model", "m.gguf", "--rpc-servers", "10.0.0.1:50052,10.0.0.2:50052"])
+    assert model.rpc_servers == "10.0.0.1:50052,10.0.0.2:50052" and model.n_gpu_layers == -1
+    _, (model,) = parse_settings(["--model", "m.gguf", "--rpc-servers", "10.0.0.1:50052", "--n-gpu-layers", "3"])
+    assert model.n_gpu_layers == 3
+    _, (model,) = parse_settings(["--model", "m.gguf"])
+    assert model.rpc_servers is None and model.n_gpu_layers == 0  # llama_cpp.server's default
+
+
+def test_malformed_rpc_endpoint_is_a_clear_startup_error(smollm2):
+    r = subprocess.run(
+        [sys.executable, "-m", "a2sf.server", "--model", str(smollm2), "--rpc-servers", "localhost"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 2
+    assert "'localhost' is not an endpoint 'host:port'" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(__import__("a2sf._llama.rpc", fromlist=["rpc_supported"]).rpc_supported(),
+                    reason="this build has the RPC backend")
+def test_rpc_servers_on_a_build_without_rpc_is_a_clear_startup_error(smollm2):
+    r = subprocess.run(
+        [sys.executable, "-m", "a2sf.server", "--model", str(smollm2), "--rpc-servers", "127.0.0.1:50052"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode != 0
+    assert "-DGGML_RPC=ON" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -45,6 +45,7 @@ with import_hint("a2sf.server needs llama-cpp-python's server extras: "
 from fastapi import Depends
 from pydantic import Field, create_model, model_validator
 
+from ._llama.rpc import parse_rpc_servers
 from .policies import POLICY_NAMES, SETTINGS, KVPolicy, PolicyKind, policy_from_settings
 
 __all__ = [
@@ -96,6 +97,13 @@ class _A2SFModelSettingsBase(ModelSettings):
         if self.kv_policy is not None and self.kv_policy.strip().lower() in ("", "null"):
             self.kv_policy = None
         self.resolved_policy()
+        if self.rpc_servers is not None:
+            # llama_cpp.server hands rpc_servers to the Llama; a2sf.Llama registers them
+            # (a2sf._llama.rpc). A malformed endpoint fails here, before any load, and
+            # without n_gpu_layers every layer goes there, as with Llama(rpc_servers=...)
+            parse_rpc_servers(self.rpc_servers)
+            if "n_gpu_layers" not in self.model_fields_set:
+                self.n_gpu_layers = -1
         if self.hf_model_repo_id is not None:
             raise ValueError("a2sf.server loads local GGUF files only (no model hub): drop hf_model_repo_id")
         return self
@@ -351,6 +359,9 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m a2sf.server") 
     except (ValueError, TypeError) as e:  # bad settings, found while loading the model
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except (RuntimeError, ConnectionError) as e:  # rpc_servers: a build without RPC, no rpc-server there
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
     uvicorn.run(
         app,
         host=os.getenv("HOST", server_settings.host),
