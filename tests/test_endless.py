@@ -54,3 +54,67 @@ def test_stream_50k_past_six_training_contexts(smollm2):
     toks, bos = _emma_tokens(smollm2, 50_000)
     recs = run_stream(smollm2, toks, "a2sf", "cache", 256, [1280, 16384, 32768, 49000], 256, 1024, 2, 64, bos)
     _check(recs, 256, 64, 1.10)
+
+
+def _last_logits(llm):
+    import llama_cpp
+
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
+
+
+@pytest.mark.parametrize("policy, granularity", [("streaming", "token"), ("mean", "head")])
+def test_removing_tokens_by_count_after_compaction_removes_those_tokens(smollm2, policy, granularity):
+    """llama_cpp.Llama.generate drops a draft model's rejected tokens with seq_rm(-1, n_tokens, -1),
+    counting tokens. After a compaction that count is far above the cache positions: the rejected
+    tokens must go all the same, and the next token reads as if they had never been evaluated (the
+    extra tokens fit without an eviction, so both caches hold the same tokens)."""
+    toks, _ = _emma_tokens(smollm2, 760)
+    runs = []
+    for extra in (toks[700:703], []):
+        kw = {} if policy == "streaming" else {"granularity": granularity}  # streaming: token only
+        llm = Llama(smollm2, n_ctx=256, kv_policy=policy, n_threads=1, verbose=False, **kw)
+        for i in range(0, 700, 64):
+            llm.eval(toks[i:min(i + 64, 700)])
+        assert llm.kv_stats()["compactions"] > 0 and llm.kv_scores().positions.max() < 699  # token 699 sits lower
+        evictions = llm.kv_stats()["evictions"]
+        if extra:
+            llm.eval(extra)  # three "draft" tokens, then rejected as generate() does
+            llm.n_tokens = 700
+            llm._ctx.kv_cache_seq_rm(-1, 700, -1)
+            kv = llm.kv_scores()
+            assert kv.token_index.max() == 699 and len(kv.token_index) == llm.kv_n_cells()
+        llm.eval([toks[750]])
+        kv = llm.kv_scores()
+        runs.append((_last_logits(llm), kv.positions.copy(), kv.token_index.copy(),
+                     llm.kv_stats()["evictions"] - evictions, llm.kv_head_scores()[0].copy()))
+        llm.close()
+    (la, pa, ta, ea, ha), (lb, pb, tb, eb, hb) = runs
+    assert ea == eb == 0  # neither the drafts nor the next token evicted
+    assert (pa == pb).all() and (ta == tb).all() and (ha == hb).all()  # the same tokens in every head
+    np.testing.assert_allclose(la, lb, rtol=0, atol=1e-4)
+
+
+def test_generation_with_a_draft_model_runs_through_compactions(smollm2):
+    """llama-cpp-python's prompt-lookup speculative decoding on a 256-cell a2sf cache past a
+    compaction: no decode error, no rejected draft left in the cache, and until the cache first
+    fills the text is plain greedy decoding's."""
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+    prompt = "List the days of the week, one per line, again and again:\nMonday\nTuesday\nWednesday\n"
+    out = []
+    for draft in (None, LlamaPromptLookupDecoding(num_pred_tokens=4)):
+        llm = Llama(smollm2, n_ctx=256, kv_policy="a2sf", n_threads=1, verbose=False,
+                    logits_all=draft is not None, draft_model=draft)
+        text = llm(prompt, max_tokens=700, temperature=0)["choices"][0]["text"]
+        st, kv = llm.kv_stats(), llm.kv_scores()
+        assert st["compactions"] >= 1 and st["evictions"] >= 3, st
+        assert st["cells_evicted"] + st["cells_used"] == llm.n_tokens  # every cell a kept token
+        assert kv.token_index.max() == llm.n_tokens - 1
+        assert len(set(kv.token_index.tolist())) == len(kv.token_index)
+        n_prompt = len(llm.tokenize(prompt.encode()))
+        # generated tokens before the cache first fills (a draft batch fills it up to 4 sooner)
+        same = llm.detokenize(llm.tokenize(text.encode(), add_bos=False)[:256 - n_prompt - 8]).decode()
+        out.append((text, same))
+        llm.close()
+    (plain, plain_head), (drafted, _) = out
+    assert len(plain_head) > 100 and drafted.startswith(plain_head)

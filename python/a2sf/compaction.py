@@ -90,6 +90,16 @@ class PositionMap:
         out[old] = self.renumbered[positions[old]]
         return out
 
+    def first_position_from(self, token_index: int) -> int:
+        """The lowest cache position holding a token >= ``token_index`` (or where the next
+        one would go): removing positions from it removes exactly the tokens from
+        ``token_index`` on, as llama-cpp-python's ``seq_rm(n_tokens)`` means."""
+        n_old = len(self.renumbered)
+        if token_index >= n_old + self.offset:
+            return token_index - self.offset
+        later = np.flatnonzero(self.renumbered >= token_index)  # held positions keep token order
+        return int(later[0]) if len(later) else n_old
+
     def wants_compaction(self, next_token_index: int, n_new: int, n_cells: Callable[[], int],
                          pos_max: Optional[Callable[[], int]] = None) -> bool:
         """Whether to compact before evaluating ``n_new`` tokens from ``next_token_index`` on.

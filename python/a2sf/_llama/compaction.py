@@ -5,7 +5,9 @@ n_past=self.n_tokens)``). With compaction on, the cache's positions are
 renumbered from time to time while ``n_tokens`` keeps counting tokens, so the
 batch must carry the cache position instead: this part wraps the context's
 batch so that, right before each decode, it compacts if the mode asks for it
-and writes ``n_past - offset`` as the positions. Everything that reads
+and writes ``n_past - offset`` as the positions. Its ``seq_rm(seq, n_tokens,
+-1)`` (a draft model's rejected tokens, a prompt's unmatched suffix) likewise
+removes from the cache position of that token on. Everything that reads
 ``n_tokens`` / ``input_ids`` (the completion API, streaming, stop sequences,
 prefix matching) keeps llama-cpp-python's meaning.
 """
@@ -64,6 +66,17 @@ class PositionCompaction(PolicyBase):
 
         # the one place llama_cpp.Llama.eval turns n_tokens into positions
         batch.set_batch = set_batch_at_cache_positions
+
+        # llama_cpp.Llama.generate removes tokens by count as well: a draft model's
+        # rejected tokens (seq_rm(-1, n_tokens, -1)) and a prompt's unmatched suffix
+        seq_rm = self._ctx.kv_cache_seq_rm  # llama_cpp._internals.LlamaContext, bound
+
+        def seq_rm_at_cache_positions(seq_id: int, p0: int, p1: int):
+            m = self._a2sf_positions
+            return seq_rm(seq_id, m.first_position_from(p0) if p0 > 0 else p0,
+                          m.first_position_from(p1) if p1 > 0 else p1)
+
+        self._ctx.kv_cache_seq_rm = seq_rm_at_cache_positions
 
     @property
     def positions(self) -> str:

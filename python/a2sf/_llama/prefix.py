@@ -46,8 +46,9 @@ class PrefixReuse(PolicyBase):
             keep = match
         if keep >= n_tokens or not self._a2sf_cells_lost():
             return  # pure continuation, or nothing evicted: the parent's reuse is exact
-        # after a compaction the parent's seq_rm(n_tokens) would count cache positions,
-        # not tokens: only a pure continuation is safe then
+        # after a compaction the tokens before it sit at renumbered positions: a suffix
+        # evaluated from inside them would get positions that clash with the kept cells
+        # (n_past - offset), so only a pure continuation is safe then
         if keep > 0 and not self._a2sf_compacted():
             pos, _, _ = core().scores(self._a2sf_ctx(), 0)
             if int(np.count_nonzero(self._a2sf_token_index(pos) < keep)) == keep:
