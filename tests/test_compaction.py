@@ -172,3 +172,20 @@ def test_learned_positions_refuse_compaction(tmp_path):
 def test_bad_positions_setting_is_a_python_error(tiny_f32, bad):
     with pytest.raises((ValueError, TypeError), match="positions"):
         Llama(tiny_f32, n_ctx=256, kv_policy="a2sf", positions=bad, verbose=False)
+
+
+def test_position_map_finds_where_the_tokens_from_an_index_begin():
+    """seq_rm(n_tokens) counts tokens: PositionMap.first_position_from gives the lowest cache position
+    holding that token or a later one, inside the renumbered positions (with their unheld holes, -1)
+    and past them (token - offset)."""
+    from a2sf.compaction import PositionMap
+
+    m = PositionMap(mode="cache", limit=8192, cache_cells=4)
+    m.renumbered = np.array([0, 1, -1, 7, 9], dtype=np.int64)  # positions 0..4 after a compaction
+    m.offset = 20 - 5  # token 20 was the next one: position 5
+    assert [m.first_position_from(t) for t in (1, 2, 7, 8, 9, 10, 20, 23)] == [1, 3, 3, 4, 4, 5, 5, 8]
+    # and removing from there keeps exactly the tokens below the index
+    for t in (2, 8, 10):
+        p = m.first_position_from(t)
+        held = m.renumbered[:p][m.renumbered[:p] >= 0]
+        assert (held < t).all() and (m.renumbered[p:][m.renumbered[p:] >= 0] >= t).all()
