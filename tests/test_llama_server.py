@@ -228,3 +228,51 @@ def test_four_slots_longer_than_their_cells(llama_server, smollm2):
         assert alone == plain[i][0], (i, alone, plain[i][0])
     text = log.read_text()
     assert "context shift" not in text and "exceeds the available context size" not in text
+
+
+def test_unified_cache_slots_share_its_cells_and_evict(server_bin, smollm2, tmp_path):
+    """-np 2 --kv-unified: both slots' sequences live in one 512-cell cache; two concurrent prompts
+    longer than it are answered, the slots together never hold more than its cells, and it evicted
+    (llama.cpp alone would refuse the second prompt or shift context)."""
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "server.log"
+    args = [str(server_bin), "-m", smollm2, "-np", "2", "-c", "512", "--kv-unified", "--kv-policy", "a2sf",
+            "-t", "1", "--host", "127.0.0.1", "--port", str(port), "--seed", "0", "--cache-ram", "0"]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 180
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"llama-server exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"llama-server did not come up:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+
+        def ask(i):
+            body = json.dumps({"messages": [{"role": "user", "content": _prompt(i)}], "max_tokens": 48,
+                               "temperature": 0}).encode()
+            req = urllib.request.Request(base + "/v1/chat/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=600) as r:
+                d = json.loads(r.read())
+            return d["choices"][0]["message"]["content"], d["usage"]["prompt_tokens"]
+
+        with concurrent.futures.ThreadPoolExecutor(2) as ex:
+            answers = list(ex.map(ask, [0, 1]))
+        slots = [s["a2sf"] for s in _slots(base)]
+    finally:
+        _stop(proc)
+    assert all(text.strip() for text, _ in answers), answers
+    assert sum(n for _, n in answers) > 512  # the two prompts together overflow the shared cache
+    assert sum(s["cells"] for s in slots) <= 512, slots
+    assert sum(s["evictions"] for s in slots) > 0, slots
+    text = log.read_text()
+    assert "context shift" not in text and "exceeds the available context size" not in text
