@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from a2sf._llama.rpc import rpc_supported
+
 from conftest import require_module  # noqa: E402
 
 require_module("fastapi")
@@ -183,13 +185,17 @@ def test_two_parallel_requests(client):
     assert ask(questions[0]) == answers[0]
 
 
-def test_bad_policy_is_a_clear_startup_error(smollm2):
-    r = subprocess.run(
-        [sys.executable, "-m", "a2sf.server", "--model", str(smollm2), "--kv-policy", "bogus"],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert r.returncode == 2
-    assert "unknown KV policy 'bogus'" in r.stderr
+@pytest.mark.parametrize("flags, rc, message", [
+    (["--kv-policy", "bogus"], 2, "unknown KV policy 'bogus'"),
+    (["--rpc-servers", "localhost"], 2, "'localhost' is not an endpoint 'host:port'"),
+    pytest.param(["--rpc-servers", "127.0.0.1:50052"], 1, "-DGGML_RPC=ON", id="rpc-servers-without-rpc-build",
+                 marks=pytest.mark.skipif(rpc_supported(), reason="this build has the RPC backend")),
+])
+def test_bad_setting_is_a_clear_startup_error(smollm2, flags, rc, message):
+    r = subprocess.run([sys.executable, "-m", "a2sf.server", "--model", str(smollm2), *flags],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == rc
+    assert message in r.stderr
     assert "Traceback" not in r.stderr
 
 
@@ -240,25 +246,3 @@ def test_rpc_servers_setting_is_checked_when_parsed_and_offloads_every_layer(mon
     assert model.n_gpu_layers == 3
     _, (model,) = parse_settings(["--model", "m.gguf"])
     assert model.rpc_servers is None and model.n_gpu_layers == 0  # llama_cpp.server's default
-
-
-def test_malformed_rpc_endpoint_is_a_clear_startup_error(smollm2):
-    r = subprocess.run(
-        [sys.executable, "-m", "a2sf.server", "--model", str(smollm2), "--rpc-servers", "localhost"],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert r.returncode == 2
-    assert "'localhost' is not an endpoint 'host:port'" in r.stderr
-    assert "Traceback" not in r.stderr
-
-
-@pytest.mark.skipif(__import__("a2sf._llama.rpc", fromlist=["rpc_supported"]).rpc_supported(),
-                    reason="this build has the RPC backend")
-def test_rpc_servers_on_a_build_without_rpc_is_a_clear_startup_error(smollm2):
-    r = subprocess.run(
-        [sys.executable, "-m", "a2sf.server", "--model", str(smollm2), "--rpc-servers", "127.0.0.1:50052"],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert r.returncode != 0
-    assert "-DGGML_RPC=ON" in r.stderr
-    assert "Traceback" not in r.stderr
