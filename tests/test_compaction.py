@@ -189,3 +189,54 @@ def test_position_map_finds_where_the_tokens_from_an_index_begin():
         p = m.first_position_from(t)
         held = m.renumbered[:p][m.renumbered[:p] >= 0]
         assert (held < t).all() and (m.renumbered[p:][m.renumbered[p:] >= 0] >= t).all()
+
+
+def _q8_stream(smollm2, type_k, positions, n=704):
+    """SmolLM2 a2sf at 256 cells over the first n tokens of Emma: (last logits, compactions,
+    granularity in force, positions in force)."""
+    import llama_cpp
+
+    from a2sf.eval.data import load_texts
+
+    llm = Llama(smollm2, n_ctx=256, kv_policy="a2sf", type_k=type_k, n_threads=1, verbose=False,
+                **({} if positions is None else {"positions": positions}))
+    toks = llm.tokenize(load_texts("austen")["emma"].encode(), add_bos=True)[:n]
+    for i in range(0, n, 64):
+        llm.eval(toks[i:i + 64])
+    out = (np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy(),
+           llm.kv_stats()["compactions"], llm.kv_policy.granularity, llm.positions)
+    llm.close()
+    return out
+
+
+def test_quantized_k_keeps_tokens_per_head_and_compacts(smollm2):
+    """A Q8_0 K cache (llama.cpp stores it Hadamard-rotated) selects per (layer, KV head) by default
+    and its per-head compaction re-rotates K through that rotation: right after the first compaction
+    (the same kept tokens with and without it) the logits move as little as an F16 cache's do, where
+    the per-head rotation equals the reference (test_logits_after_compaction_equal_the_rotated_reference)."""
+    from llama_cpp import GGML_TYPE_F16, GGML_TYPE_Q8_0
+
+    moved = {}
+    for type_k in (GGML_TYPE_F16, GGML_TYPE_Q8_0):
+        compacted, n_compactions, granularity, positions = _q8_stream(smollm2, type_k, None)
+        absolute, n_none, _, _ = _q8_stream(smollm2, type_k, "absolute")
+        assert granularity == "head" and positions == "cache"
+        assert n_compactions == 1 and n_none == 0
+        assert compacted.argmax() == absolute.argmax()
+        moved[type_k] = float(np.abs(compacted - absolute).max())
+    # closing the position gaps moves the logits a little (F16: ~0.6); a K rotated wrongly would
+    # scramble the attention of every compacted layer
+    assert moved[GGML_TYPE_Q8_0] < 1.5 * moved[GGML_TYPE_F16] + 0.1, moved
+
+
+def test_quantized_k_without_llama_cpps_rotation_keeps_absolute_positions(smollm2, monkeypatch):
+    """llama.cpp stores a quantized K unrotated when head_dim is not a multiple of 64 (here forced by
+    LLAMA_ATTN_ROT_DISABLE), and its K-shift then dereferences the missing rotation: such a cache
+    defaults to positions="absolute" and refuses "cache" with a ValueError, never a crash."""
+    from llama_cpp import GGML_TYPE_Q8_0
+
+    monkeypatch.setenv("LLAMA_ATTN_ROT_DISABLE", "1")
+    logits, n_compactions, _, positions = _q8_stream(smollm2, GGML_TYPE_Q8_0, None, n=320)
+    assert positions == "absolute" and n_compactions == 0 and np.isfinite(logits).all()
+    with pytest.raises(ValueError, match="cannot be re-rotated"):
+        Llama(smollm2, n_ctx=256, kv_policy="a2sf", type_k=GGML_TYPE_Q8_0, positions="cache", verbose=False)

@@ -61,7 +61,8 @@ int32_t check(int32_t rc, const char * what) {
             throw std::runtime_error(msg + "output buffer too small (LLAMA_KV_POLICY_ERR_CAPACITY)");
         case LLAMA_KV_POLICY_ERR_SHIFT:
             throw py::value_error(msg + "this model's positions cannot be shifted (learned absolute "
-                                  "positions or multi-position RoPE; LLAMA_KV_POLICY_ERR_SHIFT)");
+                                  "positions, multi-position RoPE, or a quantized K that llama.cpp stores "
+                                  "without its rotation; LLAMA_KV_POLICY_ERR_SHIFT)");
         case LLAMA_KV_POLICY_ERR_STATE:
             throw std::runtime_error(msg + "not possible in the cache's current state (LLAMA_KV_POLICY_ERR_STATE)");
         case LLAMA_KV_POLICY_ERR_SHARED:

@@ -37,6 +37,15 @@
 #include <algorithm>
 #include <vector>
 
+bool llama_kv_score_access::quantized_k_unrotated(const llama_kv_cache & kv) {
+    for (const auto & layer : kv.layers) {
+        if (layer.k != nullptr && ggml_is_quantized(layer.k->type) && !kv.attn_rot_k) {
+            return true;
+        }
+    }
+    return false;
+}
+
 int32_t llama_kv_score_access::compact_seq(llama_context & lctx, int32_t seq_id) {
     llama_kv_cache * kv = get_kv(lctx);
     if (kv == nullptr || kv->other != nullptr) {
@@ -45,14 +54,18 @@ int32_t llama_kv_score_access::compact_seq(llama_context & lctx, int32_t seq_id)
     if (!valid_seq(*kv, seq_id)) {
         return LLAMA_KV_POLICY_ERR_SEQ;
     }
-    // learned absolute positions (OPT, GPT-2) and multi-position RoPE cannot be re-rotated
-    if (kv->hparams.rope_type == LLAMA_ROPE_TYPE_NONE || !kv->get_can_shift()) {
+    // learned absolute positions (OPT, GPT-2) and multi-position RoPE cannot be re-rotated;
+    // nor can a quantized K that llama.cpp stores without its Hadamard rotation (head_dim
+    // not a multiple of 64, or LLAMA_ATTN_ROT_DISABLE): its K-shift graph dereferences the
+    // missing rotation matrix
+    if (kv->hparams.rope_type == LLAMA_ROPE_TYPE_NONE || !kv->get_can_shift() || quantized_k_unrotated(*kv)) {
         return LLAMA_KV_POLICY_ERR_SHIFT;
     }
     // iSWA: one delta keeps a standard window's distances; a chunked window (aligned to
     // multiples of n_swa) or a symmetric one would change which tokens it holds
     llama_kv_cache * swa = get_swa(lctx);
-    if (swa != nullptr && (swa->other != nullptr || !swa->get_can_shift() || swa->swa_type != LLAMA_SWA_TYPE_STANDARD ||
+    if (swa != nullptr && (swa->other != nullptr || !swa->get_can_shift() || quantized_k_unrotated(*swa) ||
+                           swa->swa_type != LLAMA_SWA_TYPE_STANDARD ||
                            !valid_seq(*swa, seq_id))) {
         return LLAMA_KV_POLICY_ERR_SHIFT;
     }
@@ -168,11 +181,6 @@ int32_t llama_kv_score_access::compact_units(llama_context & lctx, llama_kv_cach
     auto & cells = kv.v_cells[strm];
     llama_kv_units & u = kv.a2sf_units;
 
-    for (const auto & layer : kv.layers) {
-        if (layer.k && ggml_is_quantized(layer.k->type)) {
-            return LLAMA_KV_POLICY_ERR_STATE; // the shift of a quantized K needs llama.cpp's rotation inputs
-        }
-    }
     if (cells.get_has_shift()) {
         lctx.memory_update(false); // pending K-shifts first: this one replaces llama.cpp's
     }

@@ -88,14 +88,19 @@ std::vector<ggml_tensor *> llama_kv_score_access::scored_layers(const llama_kv_c
     return res;
 }
 
-std::vector<ggml_tensor *> llama_kv_score_access::scored_k(const llama_kv_cache & kv) {
-    std::vector<ggml_tensor *> res;
+bool llama_kv_score_access::unit_rows_whole_blocks(const llama_kv_cache & kv) {
     for (const auto & layer : kv.layers) {
-        if (layer.score && layer.k) {
-            res.push_back(layer.k);
+        if (layer.score == nullptr) {
+            continue;
+        }
+        if (layer.k && kv.hparams.n_embd_head_k(layer.il) % ggml_blck_size(layer.k->type) != 0) {
+            return false;
+        }
+        if (layer.v && kv.hparams.n_embd_head_v(layer.il) % ggml_blck_size(layer.v->type) != 0) {
+            return false;
         }
     }
-    return res;
+    return true;
 }
 
 std::vector<int32_t> llama_kv_score_access::scored_layer_ids(const llama_kv_cache & kv) {

@@ -273,6 +273,14 @@ bool llama_kv_score_access::rotate_unit_rows(llama_context & lctx, llama_kv_cach
 
     return compute_side_graph(lctx, "re-rotates K per layer and head", [&](ggml_context * ctx, ggml_cgraph * gf,
                                                                           llm_graph_input_side & inp) {
+        // a quantized K is stored Hadamard-rotated (llama.cpp's attn_rot_k): build_rope_shift
+        // un-rotates, shifts and rotates it back with this F32 [n, n] matrix, as llama.cpp's own
+        // K-shift graph does (nullptr: K is not quantized; compact_seq refuses a quantized K
+        // stored without it)
+        ggml_tensor * k_rot = kv.build_input_k_rot(ctx);
+        if (k_rot != nullptr) {
+            inp.f32.emplace_back(k_rot, kv.attn_rot_hadamard.at(k_rot->ne[0]));
+        }
         uint32_t il_scored = 0;
         for (const auto & layer : kv.layers) {
             if (layer.score == nullptr) {
@@ -309,7 +317,7 @@ bool llama_kv_score_access::rotate_unit_rows(llama_context & lctx, llama_kv_cach
             ggml_tensor * pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_rows);
             ggml_set_input(pos);
             inp.i32.emplace_back(pos, std::move(shift));
-            ggml_build_forward_expand(gf, kv.build_rope_shift(cparams, ctx, k, pos, nullptr,
+            ggml_build_forward_expand(gf, kv.build_rope_shift(cparams, ctx, k, pos, k_rot,
                                                               kv.model.get_rope_factors(cparams, il),
                                                               kv.model.get_rope_freq_base(cparams, il),
                                                               kv.model.get_rope_freq_scale(cparams, il), il));

@@ -45,13 +45,10 @@ int32_t llama_kv_policy_set(struct llama_context * ctx, const struct llama_kv_po
     c.params = p;
     if (p.granularity == LLAMA_KV_GRANULARITY_AUTO) {
         // per (layer, KV head) selection is what makes scores beat recency (README, "Which
-        // policy should I use"); token where per-head moves or compaction cannot be exact
-        bool per_head = kv != nullptr && !llama_kv_score_access::uses_alibi(*ctx);
-        if (kv != nullptr) {
-            for (ggml_tensor * t : llama_kv_score_access::scored_k(*kv)) {
-                per_head = per_head && (t->type == GGML_TYPE_F16 || t->type == GGML_TYPE_F32 || t->type == GGML_TYPE_BF16);
-            }
-        }
+        // policy should I use"); token where per-head moves cannot be exact (ALiBi), or where a
+        // head's row of K is not whole blocks of a quantized type (a head's row cannot move alone)
+        bool per_head = kv != nullptr && !llama_kv_score_access::uses_alibi(*ctx) &&
+                        llama_kv_score_access::unit_rows_whole_blocks(*kv);
         c.params.granularity = per_head ? LLAMA_KV_GRANULARITY_HEAD : LLAMA_KV_GRANULARITY_TOKEN;
     }
 

@@ -261,7 +261,12 @@ struct llama_kv_score_access {
     static llama_kv_score_state  & state(llama_context & lctx);
     static void                    invalidate_graphs(llama_context & lctx);
     static std::vector<ggml_tensor *> scored_layers(const llama_kv_cache & kv);
-    static std::vector<ggml_tensor *> scored_k(const llama_kv_cache & kv); // K of the scored layers
+    // every scored layer's per-head row of K and V is whole blocks of its type (always for
+    // F16/F32/BF16; Q8_0 etc. when head_dim is a multiple of 32), so a head's row moves alone
+    static bool unit_rows_whole_blocks(const llama_kv_cache & kv);
+    // a layer's K is quantized but stored without llama.cpp's Hadamard rotation, which its
+    // K-shift of a quantized K needs (llama-kv-compact.cpp)
+    static bool quantized_k_unrotated(const llama_kv_cache & kv);
     static int32_t                 n_scored_layers(const llama_kv_cache & kv);
     static std::vector<int32_t>    scored_layer_ids(const llama_kv_cache & kv); // model layer indices
     static int32_t                 n_cells(const llama_kv_cache & kv, int32_t seq_id);

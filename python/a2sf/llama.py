@@ -151,7 +151,8 @@ class Llama(InputGuards, PositionLimit, PositionCompaction, PrefixReuse, PromptC
             policy = self._kv_policy = self._a2sf_set_native_policy(policy)
             iswa = len(core.scored_layers(self._a2sf_ctx())) < int(llama_cpp.llama_model_n_layer(self._model.model))
             positions = resolve_positions(extras.get("positions"), self._a2sf_position_limit is not None,
-                                          policy.granularity not in (None, "token") and iswa)
+                                          policy.granularity not in (None, "token") and iswa,
+                                          shiftable=self._a2sf_can_shift())
             self._a2sf_start_budget(extras.get("kv_budget"))
         except ValueError:
             self.close()
@@ -161,6 +162,18 @@ class Llama(InputGuards, PositionLimit, PositionCompaction, PrefixReuse, PromptC
         self._a2sf_max_positions = max_positions
         self._a2sf_start_positions(positions)
         self._a2sf_reserve(self.n_tokens + self.n_batch)
+
+    def _a2sf_can_shift(self) -> bool:
+        """Whether the engine can re-rotate this cache's K (a compaction of the empty sequence
+        runs only the engine's checks): not for learned positions, multi-position RoPE or a
+        quantized K that llama.cpp stores without its rotation."""
+        if self._a2sf_position_limit is not None:
+            return False
+        try:
+            _core().compact(self._a2sf_ctx(), 0)
+        except ValueError:
+            return False
+        return True
 
     def _a2sf_load(self, model_path: str, kwargs: Dict[str, Any]) -> None:
         """llama_cpp.Llama.__init__, with its load failures explained."""

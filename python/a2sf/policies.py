@@ -171,7 +171,7 @@ SETTINGS: Tuple[Setting, ...] = (
             field="seed", native="seed", range=(0, _UINT32_MAX)),
     Setting("granularity", str, None, "which unit keeps its own tokens when a scored policy evicts: "
             "token (a cell is one token for all layers and heads), layer, or head (per layer and KV head). "
-            "Default: head, or token where head cannot run (ALiBi models, quantized K)",
+            "Default: head, or token where head cannot run (ALiBi models; a quantized K/V whose head rows are not whole blocks)",
             field="granularity", native="granularity", choices=("token", "layer", "head"), native_none=-1),
     Setting("mean_attention", bool, False, "rank by accumulated attention divided by the number of "
             "queries that saw the token (kvpress's ObservedAttention)",

@@ -26,14 +26,17 @@ from .base import _INT32_MAX, PolicyBase, core
 DEFAULT_POSITIONS = "cache"
 
 
-def resolve_positions(mode: Optional[str], learned_positions: bool, per_unit_beside_window: bool = False) -> str:
+def resolve_positions(mode: Optional[str], learned_positions: bool, per_unit_beside_window: bool = False,
+                      shiftable: bool = True) -> str:
     """The positions mode a Llama runs with: the user's, or the default for its model.
 
     ``per_unit_beside_window``: granularity "layer"/"head" on an iSWA model: its moves
     leave a cell holding tokens of different positions per head, which the engine
-    renumbers per head, but not in step with the sliding-window cache beside it."""
+    renumbers per head, but not in step with the sliding-window cache beside it.
+    ``shiftable``: the engine can re-rotate the cache's K (not a quantized K that llama.cpp
+    stores without its Hadamard rotation: head_dim not a multiple of 64)."""
     if mode is None:
-        return "absolute" if learned_positions or per_unit_beside_window else DEFAULT_POSITIONS
+        return "absolute" if learned_positions or per_unit_beside_window or not shiftable else DEFAULT_POSITIONS
     if per_unit_beside_window and mode != "absolute":
         raise ValueError(
             f"positions={mode!r} needs granularity='token' on a sliding-window (iSWA) model: per-head "
@@ -44,6 +47,11 @@ def resolve_positions(mode: Optional[str], learned_positions: bool, per_unit_bes
         raise ValueError(
             f"positions={mode!r}: this model has learned absolute position embeddings, which "
             "cannot be re-rotated; use positions='absolute' (the default for it)")
+    if not shiftable and mode != "absolute":
+        raise ValueError(
+            f"positions={mode!r}: this cache's K cannot be re-rotated (a quantized type_k that "
+            "llama.cpp stores without its rotation, e.g. head_dim not a multiple of 64); use "
+            "positions='absolute' (the default for it) or an F16 type_k")
     return mode
 
 
