@@ -204,6 +204,19 @@ def test_ppl_records_schema(ppl_run, tiny_f32):
             assert r["cache"]["policy_fields"]["n_recent"] == r["cache"]["n_recent"]
 
 
+def test_ppl_type_k_quantizes_the_k_cache(ppl_run, tiny_f32, tmp_path):
+    """--type-k q8_0: the records say so (another settings hash), and the full cache reads
+    differently from the F16 K cache of the same windows."""
+    out = tmp_path / "q8"
+    assert main(_ppl_args(tiny_f32, out) + ["--type-k", "q8_0"]) == 0
+    q8 = [json.loads(l) for l in (out / "ppl.jsonl").read_text().splitlines()]
+    f16 = [json.loads(l) for l in (ppl_run / "ppl.jsonl").read_text().splitlines()]
+    assert {r["settings"].get("type_k") for r in q8} == {"q8_0"} and "type_k" not in f16[0]["settings"]
+    assert q8[0]["settings_hash"] != f16[0]["settings_hash"]
+    full = lambda recs: {r["window"]: r["metrics"]["nll_sum"] for r in recs if r["policy"] == "none"}  # noqa: E731
+    assert full(q8).keys() == full(f16).keys() and full(q8) != full(f16)
+
+
 def test_rerun_does_nothing(ppl_run, tiny_f32, capsys):
     before = (ppl_run / "ppl.jsonl").read_text()
     assert main(_ppl_args(tiny_f32, ppl_run)) == 0

@@ -29,6 +29,8 @@ __all__ = ["main", "build_parser"]
 DEFAULT_OUT = Path("results") / "eval"
 DEFAULT_POLICIES = list(POLICY_NAMES)
 DEFAULT_ALPHAS = [0.5, 0.8, 0.9, 0.95, 0.99]
+#: --type-k choices: the llama_cpp.GGML_TYPE_* of the K cache
+K_TYPES = {"f16": "GGML_TYPE_F16", "q8_0": "GGML_TYPE_Q8_0", "q4_0": "GGML_TYPE_Q4_0"}
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -60,6 +62,8 @@ def build_parser(prog: str = "python -m a2sf.eval") -> argparse.ArgumentParser:
     p.add_argument("--modes", nargs="+", default=["continuous"], choices=["continuous", "compress"],
                    help="continuous: evict while the context streams in; compress: full prefill, then "
                         "one compression to the budget (kvpress, A2SF's reference code)")
+    p.add_argument("--type-k", default="f16", choices=sorted(K_TYPES),
+                   help="llama.cpp's K cache type (V stays F16); compare configs within one --out only")
 
     p = sub.add_parser("mc", help="multiple choice (lm-eval style log-likelihood)")
     _common(p)
@@ -138,7 +142,10 @@ def _check_common(args) -> None:
 def _runner(args, model: str):
     from .engine import BudgetRunner
 
-    return BudgetRunner(model, n_ctx=args.n_ctx, n_threads=args.threads)
+    import llama_cpp
+
+    return BudgetRunner(model, n_ctx=args.n_ctx, n_threads=args.threads,
+                        type_k=getattr(llama_cpp, K_TYPES[getattr(args, "type_k", "f16")]))
 
 
 def _tokenizer(runner):
@@ -168,6 +175,8 @@ def cmd_ppl(args) -> int:
                     "continuation": args.continuation, "chunk_max": args.chunk,
                     "threads": args.threads, "n_ctx": args.n_ctx,
                     "budget_of": "context tokens", "split": "n_sink=min(4,B//8), n_recent=(B-n_sink)//2, rest selected"}
+        if args.type_k != "f16":  # (F16 records predate the setting: their hash stays)
+            settings["type_k"] = args.type_k
         factory = RecordFactory("ppl", Path(args.texts).name, model, settings)
         configs = build_sweep(args.policies, args.ratios, args.alphas, args.alpha_ratio,
                               granularities=args.granularities, modes=args.modes)
