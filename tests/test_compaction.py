@@ -107,7 +107,7 @@ def test_training_mode_compacts_only_near_the_training_context(tmp_path):
 def test_completion_runs_past_the_training_context_without_a_window_error(tmp_path):
     path = write_tiny_llama(tmp_path / "short.gguf", n_ctx_train=300)
     llm = Llama(str(path), n_ctx=256, n_threads=1, kv_policy="a2sf", seed=1, verbose=False)
-    assert llm.positions == "cache" and llm.context_window > 10**9
+    assert llm.positions == "training" and llm.context_window > 10**9  # per head: "training"
     out = llm.create_completion("the cat", max_tokens=700, temperature=0.0)
     # the random model never says EOS; llama-cpp-python checks max_tokens only after a token
     # that completes the UTF-8 text, so a few more can come
@@ -211,14 +211,14 @@ def _q8_stream(smollm2, type_k, positions, n=704):
 
 def test_quantized_k_keeps_tokens_per_head_and_compacts(smollm2):
     """A Q8_0 K cache (llama.cpp stores it Hadamard-rotated) selects per (layer, KV head) by default
-    and its per-head compaction re-rotates K through that rotation: right after the first compaction
+    and its per-head compaction (positions="cache") re-rotates K through that rotation: right after the first compaction
     (the same kept tokens with and without it) the logits move as little as an F16 cache's do, where
     the per-head rotation equals the reference (test_logits_after_compaction_equal_the_rotated_reference)."""
     from llama_cpp import GGML_TYPE_F16, GGML_TYPE_Q8_0
 
     moved = {}
     for type_k in (GGML_TYPE_F16, GGML_TYPE_Q8_0):
-        compacted, n_compactions, granularity, positions = _q8_stream(smollm2, type_k, None)
+        compacted, n_compactions, granularity, positions = _q8_stream(smollm2, type_k, "cache")
         absolute, n_none, _, _ = _q8_stream(smollm2, type_k, "absolute")
         assert granularity == "head" and positions == "cache"
         assert n_compactions == 1 and n_none == 0

@@ -36,7 +36,7 @@ def test_stream_5k_reads_like_a_fresh_context(smollm2):
 
 
 def test_stream_accounting_is_exact_through_compactions(smollm2):
-    llm = Llama(smollm2, n_ctx=256, kv_policy="a2sf", n_threads=2, verbose=False)
+    llm = Llama(smollm2, n_ctx=256, kv_policy="a2sf", positions="cache", n_threads=2, verbose=False)
     toks, _ = _emma_tokens(smollm2, 3000)
     for i in range(0, len(toks), 64):
         llm.eval(toks[i:i + 64])
@@ -46,6 +46,20 @@ def test_stream_accounting_is_exact_through_compactions(smollm2):
     assert sorted(kv.token_index.tolist())[:4] == [0, 1, 2, 3]  # the sinks
     assert kv.token_index.max() == len(toks) - 1
     assert np.isfinite(kv.scores).all()
+    llm.close()
+
+
+def test_positions_default_to_cache_per_token_and_training_per_head(smollm2):
+    """The measured defaults (README, "Endless streams"): one token per cell renumbers at twice the
+    cache; per (layer, KV head) only before the training context (fewer re-rotations read better)."""
+    for granularity, expected in ((None, "training"), ("head", "training"), ("layer", "training"),
+                                  ("token", "cache")):
+        kw = {} if granularity is None else {"granularity": granularity}
+        llm = Llama(smollm2, n_ctx=256, kv_policy="a2sf", n_threads=1, verbose=False, **kw)
+        assert llm.positions == expected, granularity
+        llm.close()
+    llm = Llama(smollm2, n_ctx=256, kv_policy="streaming", n_threads=1, verbose=False)
+    assert llm.positions == "cache"
     llm.close()
 
 
@@ -72,7 +86,7 @@ def test_removing_tokens_by_count_after_compaction_removes_those_tokens(smollm2,
     runs = []
     for extra in (toks[700:703], []):
         kw = {} if policy == "streaming" else {"granularity": granularity}  # streaming: token only
-        llm = Llama(smollm2, n_ctx=256, kv_policy=policy, n_threads=1, verbose=False, **kw)
+        llm = Llama(smollm2, n_ctx=256, kv_policy=policy, positions="cache", n_threads=1, verbose=False, **kw)
         for i in range(0, 700, 64):
             llm.eval(toks[i:min(i + 64, 700)])
         assert llm.kv_stats()["compactions"] > 0 and llm.kv_scores().positions.max() < 699  # token 699 sits lower
@@ -103,7 +117,7 @@ def test_generation_with_a_draft_model_runs_through_compactions(smollm2):
     prompt = "List the days of the week, one per line, again and again:\nMonday\nTuesday\nWednesday\n"
     out = []
     for draft in (None, LlamaPromptLookupDecoding(num_pred_tokens=4)):
-        llm = Llama(smollm2, n_ctx=256, kv_policy="a2sf", n_threads=1, verbose=False,
+        llm = Llama(smollm2, n_ctx=256, kv_policy="a2sf", positions="cache", n_threads=1, verbose=False,
                     logits_all=draft is not None, draft_model=draft)
         text = llm(prompt, max_tokens=700, temperature=0)["choices"][0]["text"]
         st, kv = llm.kv_stats(), llm.kv_scores()

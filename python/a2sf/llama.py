@@ -152,7 +152,8 @@ class Llama(InputGuards, PositionLimit, PositionCompaction, PrefixReuse, PromptC
             iswa = len(core.scored_layers(self._a2sf_ctx())) < int(llama_cpp.llama_model_n_layer(self._model.model))
             positions = resolve_positions(extras.get("positions"), self._a2sf_position_limit is not None,
                                           policy.granularity not in (None, "token") and iswa,
-                                          shiftable=self._a2sf_can_shift())
+                                          shiftable=self._a2sf_can_shift(),
+                                          per_unit=policy.granularity in ("layer", "head"))
             self._a2sf_start_budget(extras.get("kv_budget"))
         except ValueError:
             self.close()

@@ -186,7 +186,8 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("positions", str, None, "position compaction for endless streams: cache (renumber the kept "
             "cells, re-rotating K, before positions reach twice the cache), training (only before the "
             "model's training context), absolute (never; the completion API stops at max_positions). "
-            "Default: cache for RoPE models, absolute for learned positions (OPT, GPT-2)",
+            "Default: cache for RoPE models with granularity token, training per layer or head, "
+            "absolute for learned positions (OPT, GPT-2)",
             choices=("cache", "training", "absolute")),
     Setting("kv_budget", int, None, "prompt compression: after each prompt (an eval of more than one "
             "token) keep this many cells of the sequence, chosen with the whole prompt's scores, moved "

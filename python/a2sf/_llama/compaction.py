@@ -22,21 +22,27 @@ import llama_cpp
 from ..compaction import POSITION_MODES, PositionMap
 from .base import _INT32_MAX, PolicyBase, core
 
-#: what positions=None means for a RoPE model (chosen by measurement: README, "Endless streams")
+#: what positions=None means for a RoPE model (chosen by measurement: README, "Endless streams"):
+#: "cache" for one token per cell; per layer/head "training", which read 1.2% +- 0.5% better than
+#: "cache" over 32k-token streams of three novels (and compacts 4 times instead of 126)
 DEFAULT_POSITIONS = "cache"
+DEFAULT_POSITIONS_PER_UNIT = "training"
 
 
 def resolve_positions(mode: Optional[str], learned_positions: bool, per_unit_beside_window: bool = False,
-                      shiftable: bool = True) -> str:
+                      shiftable: bool = True, per_unit: bool = False) -> str:
     """The positions mode a Llama runs with: the user's, or the default for its model.
 
     ``per_unit_beside_window``: granularity "layer"/"head" on an iSWA model: its moves
     leave a cell holding tokens of different positions per head, which the engine
     renumbers per head, but not in step with the sliding-window cache beside it.
     ``shiftable``: the engine can re-rotate the cache's K (not a quantized K that llama.cpp
-    stores without its Hadamard rotation: head_dim not a multiple of 64)."""
+    stores without its Hadamard rotation: head_dim not a multiple of 64).
+    ``per_unit``: granularity "layer"/"head" is in force."""
     if mode is None:
-        return "absolute" if learned_positions or per_unit_beside_window or not shiftable else DEFAULT_POSITIONS
+        if learned_positions or per_unit_beside_window or not shiftable:
+            return "absolute"
+        return DEFAULT_POSITIONS_PER_UNIT if per_unit else DEFAULT_POSITIONS
     if per_unit_beside_window and mode != "absolute":
         raise ValueError(
             f"positions={mode!r} needs granularity='token' on a sliding-window (iSWA) model: per-head "
@@ -138,4 +144,4 @@ class PositionCompaction(PolicyBase):
             m.restore(getattr(state, "a2sf_positions", None), int(self.n_tokens), max_pos)
 
 
-__all__ = ["PositionCompaction", "resolve_positions", "DEFAULT_POSITIONS", "_INT32_MAX"]
+__all__ = ["PositionCompaction", "resolve_positions", "DEFAULT_POSITIONS", "DEFAULT_POSITIONS_PER_UNIT", "_INT32_MAX"]
