@@ -65,3 +65,52 @@ def test_flash_attention_prefill_that_scores_every_row_is_as_exact_as_without(ti
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.asarray(llm.scores[:n]), fr.logits, rtol=1e-4, atol=1e-4)
     llm.close()
+
+
+def _emma(llm, n):
+    from a2sf.eval.data import load_texts
+
+    return llm.tokenize(load_texts("austen")["emma"].encode(), add_bos=True)[:n]
+
+
+def _run_quantized_v(smollm2, policy, type_v, n_decode=8):
+    """SmolLM2, flash attention on, a 200-token prompt then greedy decode steps: (logits after the
+    prompt, greedy tokens, layer-0 scores per head or None)."""
+    import llama_cpp
+
+    llm = Llama(smollm2, n_ctx=512, kv_policy=policy, type_v=type_v, flash_attn=True, n_threads=1, verbose=False)
+    llm.eval(_emma(llm, 200))
+    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
+    scores = llm.kv_head_scores()[1][0].copy() if policy else None
+    tokens = []
+    for _ in range(n_decode):
+        tok = int(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).argmax())
+        tokens.append(tok)
+        llm.eval([tok])
+    llm.close()
+    return logits, tokens, scores
+
+
+@pytest.mark.parametrize("policy", ["h2o", "a2sf", "vatp"])
+def test_quantized_v_with_flash_attention_reads_as_vanilla(smollm2, policy):
+    """A Q8_0 V exists only with flash attention, and llama.cpp's unfused path cannot transpose it:
+    a scored layer keeps the fused kernel there (prefill and decode), so the logits and greedy
+    tokens are vanilla llama.cpp's with the same cache (they were NaN when it took the unfused path)."""
+    from llama_cpp import GGML_TYPE_Q8_0
+
+    ref_logits, ref_tokens, _ = _run_quantized_v(smollm2, None, GGML_TYPE_Q8_0)
+    logits, tokens, scores = _run_quantized_v(smollm2, policy, GGML_TYPE_Q8_0)
+    assert np.isfinite(logits).all() and np.isfinite(scores).all()
+    np.testing.assert_allclose(logits, ref_logits, rtol=0, atol=1e-3)
+    assert tokens == ref_tokens
+
+
+def test_vatp_norms_of_a_quantized_v_are_the_models_values(smollm2):
+    """llama.cpp stores a quantized V Hadamard-rotated; VATP's L1 value norm must be the norm of the
+    value the model computed, not of the rotated one: layer 0 (the same inputs and attention for both
+    V types) scores as with an F16 V, which the numpy reference checks (test_engine_reference)."""
+    from llama_cpp import GGML_TYPE_F16, GGML_TYPE_Q8_0
+
+    _, _, f16 = _run_quantized_v(smollm2, "vatp", GGML_TYPE_F16, n_decode=0)
+    _, _, q8 = _run_quantized_v(smollm2, "vatp", GGML_TYPE_Q8_0, n_decode=0)
+    np.testing.assert_allclose(q8, f16, rtol=1e-5, atol=1e-6 * np.abs(f16).max())

@@ -251,6 +251,19 @@ void llama_kv_score_access::build_store_vnorm(const llm_graph_context & g, const
         v = ggml_cast(ctx0, v, GGML_TYPE_F32);
     }
 
+    // a quantized V is stored Hadamard-rotated (llama.cpp's attn_rot_v), and v_cur arrives
+    // rotated; VATP's L1 norm is not rotation-invariant, so it is taken of the value the model
+    // computed: the orthonormal, symmetric rotation is its own inverse
+    ggml_tensor * v_rot = nullptr;
+    if (const auto * in = find_graph_input<llm_graph_input_attn_kv>(g.res)) {
+        v_rot = in->self_v_rot;
+    } else if (const auto * in_iswa = find_graph_input<llm_graph_input_attn_kv_iswa>(g.res)) {
+        v_rot = in_iswa->self_v_rot; // the base (global) cache's: the scored layers
+    }
+    if (v_rot != nullptr) {
+        v = llama_mul_mat_hadamard(ctx0, v, v_rot);
+    }
+
     // L1 norm of each head's value vector: [1, n_head_kv, n_tokens]
     ggml_tensor * vn = ggml_sum_rows(ctx0, ggml_abs(ctx0, v));
     vn = ggml_reshape_2d(ctx0, vn, n_head_kv, n_tokens);
@@ -284,11 +297,20 @@ bool llama_kv_score_access::attn_unfused(const llm_graph_context & g, int il) {
     const int64_t n_stream = mctx->sinfos[mctx->i_cur].n_stream();
     const int64_t n_tps    = g.ubatch.n_tokens/n_stream;
     const int64_t min_rows = unfused_host_decode(cfg, kv) ? 1 : 16;
-    return n_tps >= min_rows && score_rows(cfg, g.ubatch, n_tps, n_stream) == n_tps;
+    return v_transposable(kv) && n_tps >= min_rows && score_rows(cfg, g.ubatch, n_tps, n_stream) == n_tps;
 }
 
 bool llama_kv_score_access::unfused_host_decode(const llama_kv_policy_cfg & cfg, const llama_kv_cache & kv) {
-    return cfg.eager_host_decode() && scores_on_host(kv);
+    return cfg.eager_host_decode() && scores_on_host(kv) && v_transposable(kv);
+}
+
+bool llama_kv_score_access::v_transposable(const llama_kv_cache & kv) {
+    for (const auto & layer : kv.layers) {
+        if (layer.score != nullptr && layer.v != nullptr && ggml_is_quantized(layer.v->type)) {
+            return false;
+        }
+    }
+    return true;
 }
 
 bool llama_kv_score_access::scores_on_host(const llama_kv_cache & kv) {

@@ -151,6 +151,9 @@ struct llama_kv_score_access {
     static bool attn_unfused(const llm_graph_context & g, int il);
     // every scored layer's K is in host memory (the CPU backend computes its attention)
     static bool scores_on_host(const llama_kv_cache & kv);
+    // llama.cpp's unfused attention copies V transposed, which a quantized V (flash attention
+    // only) cannot be: its output is garbage (NaN), so such caches keep the fused kernel
+    static bool v_transposable(const llama_kv_cache & kv);
     // decode_scoring "auto" on a host cache: decode steps are not deferred and take the
     // unfused attention (the one rule before_ubatch and attn_unfused both follow)
     static bool unfused_host_decode(const llama_kv_policy_cfg & cfg, const llama_kv_cache & kv);
