@@ -130,30 +130,39 @@ def _prompt(i: int) -> str:
 
 
 @contextlib.contextmanager
+def _running(args, log: Path, ready, what: str, timeout: float):
+    """Popen(args) with its output in log, once ready() holds; stopped on exit."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen([str(a) for a in args], stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + timeout
+        while not ready():
+            if proc.poll() is not None:
+                pytest.fail(f"{what} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+            if time.time() > deadline:
+                pytest.fail(f"{what} did not come up:\n{log.read_text()[-3000:]}")
+            time.sleep(0.3)
+        yield proc
+    finally:
+        _stop(proc)
+
+
+def _answers(fn) -> bool:
+    try:
+        fn()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
 def _running_server(args, log: Path):
     """llama-server with ``args``, its output in ``log``: yields its base URL once /health answers."""
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
-    with open(log, "w") as f:
-        proc = subprocess.Popen([*map(str, args), "--host", "127.0.0.1", "--port", str(port)],
-                                stdout=f, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"llama-server exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"llama-server did not come up:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
+    healthy = lambda: _answers(lambda: urllib.request.urlopen(base + "/health", timeout=2).close())  # noqa: E731
+    with _running([*args, "--host", "127.0.0.1", "--port", port], log, healthy, "llama-server", 180):
         yield base
-    finally:
-        _stop(proc)
 
 
 @pytest.fixture(scope="module")

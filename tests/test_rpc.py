@@ -19,14 +19,12 @@ under CI=true, and marked slow. They never build anything.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -34,7 +32,7 @@ import numpy as np
 import pytest
 
 from a2sf._llama.rpc import parse_rpc_servers, rpc_supported
-from test_llama_server import _free_port, _server_bin, _stop
+from test_llama_server import _answers, _free_port, _running, _server_bin, _stop
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,32 +102,6 @@ def _rpc_server_bin() -> Path:
     if not path.exists():
         pytest.skip(f"{path} not built (bash scripts/build-rpc.sh)")
     return path
-
-
-@contextlib.contextmanager
-def _running(args, log: Path, ready, what: str, timeout: float):
-    """Popen(args) with its output in log, once ready() holds; stopped on exit."""
-    with open(log, "w") as f:
-        proc = subprocess.Popen([str(a) for a in args], stdout=f, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + timeout
-        while not ready():
-            if proc.poll() is not None:
-                pytest.fail(f"{what} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-            if time.time() > deadline:
-                pytest.fail(f"{what} did not come up:\n{log.read_text()[-3000:]}")
-            time.sleep(0.3)
-        yield proc
-    finally:
-        _stop(proc)
-
-
-def _answers(fn) -> bool:
-    try:
-        fn()
-        return True
-    except OSError:
-        return False
 
 
 @pytest.fixture()
