@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
+import llama_cpp
 import numpy as np
 
 from ..llama import Llama
@@ -138,7 +139,7 @@ class BudgetRunner:
     """
 
     def __init__(self, model_path: str, n_ctx: int = 2048, n_threads: int = 1,
-                 n_batch: int = 512, seed: int = 0, type_k: int = 1):
+                 n_batch: int = 512, seed: int = 0, type_k: int = llama_cpp.GGML_TYPE_F16):
         self.n_ctx = n_ctx
         n_batch = max(1, min(n_batch, n_ctx // 2))
         self.n_batch = n_batch
