@@ -81,6 +81,21 @@ def kv_scores_after_decode(llm, prompt, decode):
     return s
 
 
+def last_logits(llm):
+    """A copy of llama.cpp's logits of the last evaluated token (F32 [n_vocab])."""
+    import llama_cpp
+    import numpy as np
+
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
+
+
+def emma_tokens(llm, n):
+    """The first n tokens of Jane Austen's Emma (BOS first), in llm's vocabulary."""
+    from a2sf.eval.data import load_texts
+
+    return llm.tokenize(load_texts("austen")["emma"].encode("utf-8"), add_bos=True)[:n]
+
+
 @pytest.fixture(scope="session")
 def core():
     """a2sf._core, the engine's bindings: a failure to import them fails the test."""

@@ -13,7 +13,7 @@ from a2sf import Llama
 from a2sf.testing.reference import ReferenceLlama
 from a2sf.testing.reference_cache import CachedReference
 from a2sf.testing.tiny_gguf import write_tiny_llama
-from conftest import require_module
+from conftest import emma_tokens, last_logits, require_module
 
 CHUNK = 8
 
@@ -194,16 +194,12 @@ def test_position_map_finds_where_the_tokens_from_an_index_begin():
 def _q8_stream(smollm2, type_k, positions, n=704):
     """SmolLM2 a2sf at 256 cells over the first n tokens of Emma: (last logits, compactions,
     granularity in force, positions in force)."""
-    import llama_cpp
-
-    from a2sf.eval.data import load_texts
-
     llm = Llama(smollm2, n_ctx=256, kv_policy="a2sf", type_k=type_k, n_threads=1, verbose=False,
                 **({} if positions is None else {"positions": positions}))
-    toks = llm.tokenize(load_texts("austen")["emma"].encode(), add_bos=True)[:n]
+    toks = emma_tokens(llm, n)
     for i in range(0, n, 64):
         llm.eval(toks[i:i + 64])
-    out = (np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy(),
+    out = (last_logits(llm),
            llm.kv_stats()["compactions"], llm.kv_policy.granularity, llm.positions)
     llm.close()
     return out

@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 
 from a2sf import Llama
-from a2sf.eval.data import load_texts
 from a2sf.eval.stream import run_stream
+
+from conftest import emma_tokens, last_logits
 
 
 def _emma_tokens(model, n):
     tok = Llama(model, n_ctx=64, vocab_only=True, verbose=False)
-    toks = tok.tokenize(load_texts("austen")["emma"].encode("utf-8"), add_bos=True)[:n]
+    toks = emma_tokens(tok, n)
     bos = tok.token_bos()
     tok.close()
     return toks, bos
@@ -70,12 +71,6 @@ def test_stream_50k_past_six_training_contexts(smollm2):
     _check(recs, 256, 64, 1.10)
 
 
-def _last_logits(llm):
-    import llama_cpp
-
-    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
-
-
 @pytest.mark.parametrize("policy, granularity", [("streaming", "token"), ("mean", "head")])
 def test_removing_tokens_by_count_after_compaction_removes_those_tokens(smollm2, policy, granularity):
     """llama_cpp.Llama.generate drops a draft model's rejected tokens with seq_rm(-1, n_tokens, -1),
@@ -99,7 +94,7 @@ def test_removing_tokens_by_count_after_compaction_removes_those_tokens(smollm2,
             assert kv.token_index.max() == 699 and len(kv.token_index) == llm.kv_n_cells()
         llm.eval([toks[750]])
         kv = llm.kv_scores()
-        runs.append((_last_logits(llm), kv.positions.copy(), kv.token_index.copy(),
+        runs.append((last_logits(llm), kv.positions.copy(), kv.token_index.copy(),
                      llm.kv_stats()["evictions"] - evictions, llm.kv_head_scores()[0].copy()))
         llm.close()
     (la, pa, ta, ea, ha), (lb, pb, tb, eb, hb) = runs

@@ -10,6 +10,8 @@ from llama_cpp import GGML_TYPE_F32
 from a2sf import Llama
 from a2sf.testing.reference import ReferenceLlama, accumulate_scores, ubatch_sizes
 
+from conftest import emma_tokens, last_logits
+
 
 def _rows(alpha):  # what the engine keeps (llama-kv-score.cpp score_rows)
     if alpha >= 1:
@@ -67,24 +69,16 @@ def test_flash_attention_prefill_that_scores_every_row_is_as_exact_as_without(ti
     llm.close()
 
 
-def _emma(llm, n):
-    from a2sf.eval.data import load_texts
-
-    return llm.tokenize(load_texts("austen")["emma"].encode(), add_bos=True)[:n]
-
-
 def _run_quantized_v(smollm2, policy, type_v, n_decode=8):
     """SmolLM2, flash attention on, a 200-token prompt then greedy decode steps: (logits after the
     prompt, greedy tokens, layer-0 scores per head or None)."""
-    import llama_cpp
-
     llm = Llama(smollm2, n_ctx=512, kv_policy=policy, type_v=type_v, flash_attn=True, n_threads=1, verbose=False)
-    llm.eval(_emma(llm, 200))
-    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
+    llm.eval(emma_tokens(llm, 200))
+    logits = last_logits(llm)
     scores = llm.kv_head_scores()[1][0].copy() if policy else None
     tokens = []
     for _ in range(n_decode):
-        tok = int(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).argmax())
+        tok = int(last_logits(llm).argmax())
         tokens.append(tok)
         llm.eval([tok])
     llm.close()
