@@ -230,3 +230,51 @@ def test_compaction_offset_when_the_window_holds_more_than_the_global_cache(core
     assert llama_cpp.llama_memory_seq_pos_max(mem, 0) == 249
     # a no-op now: nothing moves
     assert core.compact(ctx, 0) == 250 and llm.kv_stats()["compactions"] == 1
+
+
+@pytest.mark.parametrize("granularity", ["layer", "head"])
+def test_logits_through_per_head_compactions_beside_the_window_equal_the_reference(core, tmp_path, granularity):
+    """Per-head cells beside a sliding window, positions="cache": each compaction numbers the
+    positions any global (layer, KV head) holds together with the window's, so the window
+    shifts by one delta and keeps its distances. After every chunk the logits equal a numpy
+    cache that drops what each global head dropped, masks the window layers' keys by
+    distance, and re-rotates both at each compaction (each by its own RoPE base)."""
+    from a2sf.testing.reference_cache import UnitCachedReference
+
+    # layers 1 and 3 global; a window of 48 > n_recent, so it holds tokens every global head evicted
+    path = str(write_tiny_gemma3(tmp_path / "g.gguf", swa_pattern=2, sliding_window=48))
+    reference = ReferenceGemma3(path)
+    glob = reference.global_layers
+    assert glob == [1, 3]
+    llm = _llm(path, "a2sf", granularity=granularity, positions="cache", n_sink=2, n_recent=8, evict_chunk=0,
+               n_batch=8, n_ubatch=8, logits_all=True)
+    assert llm.positions == "cache"
+    c = UnitCachedReference(reference)
+    toks = [int(t) for t in np.random.default_rng(0).integers(3, llm.n_vocab(), 1100)]
+    for i in range(0, len(toks), 8):
+        chunk = toks[i:i + 8]
+        n_comp = llm.kv_stats()["compactions"]
+        llm.eval(chunk)  # compacts first if due, evicts inside the decode if full
+        if llm.kv_stats()["compactions"] > n_comp:
+            c.compact()
+        pos, _ = llm.kv_head_scores()
+        for j, il in enumerate(glob):
+            for h in range(reference.n_head_kv):  # each global head keeps what the engine's kept
+                c.keep(il, h, c.tok[il][h][np.isin(c.unit_pos[il][h], pos[j, h])])
+        p0 = llm._a2sf_positions.position_of(i)
+        want = c.step(chunk, np.arange(p0, p0 + len(chunk)))
+        got = np.array(llm.scores[i:i + len(chunk)], dtype=np.float64)
+        # F32 noise reaches 2.5e-4 before any compaction; a window numbered apart from the
+        # global heads' positions (shifted so that only its newest cell matches) reads 1.0-1.3
+        assert np.abs(got - want).max() <= 5e-4 * np.abs(want).max(), i
+    st = llm.kv_stats()
+    assert st["compactions"] >= 3 and st["evictions"] >= 30 and st["move_events"] > 0
+    pos, _ = llm.kv_head_scores()
+    if granularity == "head":  # the heads of a layer hold different tokens
+        assert (pos[:, 0] != pos[:, 1]).any()
+    assert pos.max() < len(toks) - 256  # compaction lowered the positions by more than a cache
+    # both caches end on the same newest position, the one the next token continues from
+    mem = llama_cpp.llama_get_memory(llm._ctx.ctx)
+    assert llama_cpp.llama_memory_seq_pos_max(mem, 0) == pos.max() == llm._a2sf_positions.position_of(len(toks)) - 1
+    out = llm.create_completion("the cat", max_tokens=4, temperature=0.0)
+    assert out["usage"]["completion_tokens"] > 0

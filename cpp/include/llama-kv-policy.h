@@ -176,7 +176,9 @@ LLAMA_API const char * llama_kv_policy_state_error(void);
 // Granularity LAYER/HEAD after moves (a cell holds different tokens per head): the
 // positions any head holds become 0..m-1 (one numbering for every head; m >= n), each
 // K row re-rotated by its own delta, and m is returned; the cells take the positions
-// of their layer-0 head-0 token, so some positions below m hold no cell.
+// of their layer-0 head-0 token, so some positions below m hold no cell. Beside an
+// iSWA window the positions inside the window join that numbering, so the window
+// again moves by one delta.
 LLAMA_API int32_t llama_kv_policy_compact(struct llama_context * ctx, llama_seq_id seq_id);
 
 // Register the devices of the ggml RPC server at endpoint ("host:port", as llama-server's

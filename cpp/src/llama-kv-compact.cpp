@@ -24,6 +24,8 @@
 // n_ctx), the base positions start at off = window - n instead of 0, so that no
 // window cell would need a negative position; the return value is then off + n.
 // Cells already outside the window drop out (a negative position frees them).
+// With per-head cells (compact_units) the window's positions join the numbering, so
+// they stay a run of consecutive positions and the window again takes one delta.
 
 #include "llama-kv-score.h"
 
@@ -36,6 +38,47 @@
 
 #include <algorithm>
 #include <vector>
+
+llama_kv_score_access::swa_seq_cells llama_kv_score_access::gather_swa(llama_kv_cache & swa, int32_t seq_id) {
+    swa_seq_cells w;
+    w.cells = &swa.v_cells[swa.seq_to_stream.empty() ? 0 : swa.seq_to_stream[seq_id]];
+    auto & sc = *w.cells;
+    w.pos_max = sc.seq_pos_max(seq_id);
+    for (uint32_t c = 0; c < sc.size(); ++c) {
+        if (!sc.is_empty(c) && sc.seq_has(c, seq_id)) {
+            w.all.emplace_back(sc.pos_get(c), c);
+            if (!llama_hparams::is_masked_swa(swa.n_swa, swa.swa_type, sc.pos_get(c), w.pos_max + 1)) {
+                w.window.push_back(sc.pos_get(c));
+            }
+        }
+    }
+    std::sort(w.all.begin(), w.all.end());
+    std::sort(w.window.begin(), w.window.end());
+    return w;
+}
+
+namespace {
+
+using swa_seq_cells = llama_kv_score_access::swa_seq_cells;
+
+bool swa_shared(const swa_seq_cells & w) {
+    for (const auto & pc : w.all) {
+        if (w.cells->seq_count(pc.second) > 1) {
+            return true;
+        }
+    }
+    return false;
+}
+
+// one delta for every cell of the window (ascending: d < 0 moves every cell down); a cell
+// below position 0 (out of the window) is freed
+void shift_swa(swa_seq_cells & w, llama_pos d) {
+    for (const auto & pc : w.all) {
+        w.cells->pos_add(pc.second, d);
+    }
+}
+
+} // namespace
 
 bool llama_kv_score_access::quantized_k_unrotated(const llama_kv_cache & kv) {
     for (const auto & layer : kv.layers) {
@@ -76,10 +119,10 @@ int32_t llama_kv_score_access::compact_seq(llama_context & lctx, int32_t seq_id)
 
     // after layer/head granularity moved tokens, a cell holds tokens of different
     // positions per head: one shift per cell cannot renumber them, each unit is renumbered
-    // and re-rotated on its own (not with an iSWA window beside it)
+    // and re-rotated on its own
     llama_kv_units & u = kv->a2sf_units;
     if (u.allocated() && u.diverged[strm]) {
-        return swa == nullptr ? compact_units(lctx, *kv, strm, seq_id) : LLAMA_KV_POLICY_ERR_STATE;
+        return compact_units(lctx, *kv, strm, seq_id, swa);
     }
 
     // the sequence's cells in position order
@@ -88,21 +131,11 @@ int32_t llama_kv_score_access::compact_seq(llama_context & lctx, int32_t seq_id)
     const int32_t n = (int32_t) order.size();
 
     // iSWA: the SWA cache's cells of the sequence, and the run of them inside the window
-    std::vector<std::pair<llama_pos, uint32_t>> swa_cells;
-    llama_pos swa_max = -1;
-    int32_t   n_window = 0;
+    swa_seq_cells w;
     if (swa != nullptr) {
-        auto & sc = swa->v_cells[swa->seq_to_stream.empty() ? 0 : swa->seq_to_stream[seq_id]];
-        swa_max = sc.seq_pos_max(seq_id);
-        for (uint32_t c = 0; c < sc.size(); ++c) {
-            if (!sc.is_empty(c) && sc.seq_has(c, seq_id)) {
-                swa_cells.emplace_back(sc.pos_get(c), c);
-                if (!llama_hparams::is_masked_swa(swa->n_swa, swa->swa_type, sc.pos_get(c), swa_max + 1)) {
-                    n_window++;
-                }
-            }
-        }
+        w = gather_swa(*swa, seq_id);
     }
+    const int32_t n_window = (int32_t) w.window.size();
     const int32_t off = std::max(0, n_window - n); // first base position
 
     // a cell shared with another sequence holds one position for all of them:
@@ -112,14 +145,9 @@ int32_t llama_kv_score_access::compact_seq(llama_context & lctx, int32_t seq_id)
             return LLAMA_KV_POLICY_ERR_SHARED;
         }
     }
-    const llama_pos d_swa = swa_cells.empty() ? 0 : (off + n - 1) - swa_max;
-    if (d_swa != 0) {
-        auto & sc = swa->v_cells[swa->seq_to_stream.empty() ? 0 : swa->seq_to_stream[seq_id]];
-        for (const auto & pc : swa_cells) {
-            if (sc.seq_count(pc.second) > 1) {
-                return LLAMA_KV_POLICY_ERR_SHARED;
-            }
-        }
+    const llama_pos d_swa = w.all.empty() ? 0 : (off + n - 1) - w.pos_max;
+    if (d_swa != 0 && swa_shared(w)) {
+        return LLAMA_KV_POLICY_ERR_SHARED;
     }
 
     const int64_t t0 = ggml_time_us();
@@ -141,12 +169,7 @@ int32_t llama_kv_score_access::compact_seq(llama_context & lctx, int32_t seq_id)
     }
 
     if (d_swa != 0) {
-        // one delta for the whole window (ascending: d_swa < 0 moves every cell down)
-        auto & sc = swa->v_cells[swa->seq_to_stream.empty() ? 0 : swa->seq_to_stream[seq_id]];
-        std::sort(swa_cells.begin(), swa_cells.end());
-        for (const auto & pc : swa_cells) {
-            sc.pos_add(pc.second, d_swa); // a cell below position 0 (out of the window) is freed
-        }
+        shift_swa(w, d_swa);
         moved = true;
     }
 
@@ -177,7 +200,15 @@ int32_t llama_kv_score_access::compact_seq(llama_context & lctx, int32_t seq_id)
 // each unit take 0..n-1 (bounded, the cost above).
 // A cell's llama.cpp position becomes the one its first unit's token got: the newest token
 // (held in the same cell by every unit) ends at m-1, so the mask and the next batch agree.
-int32_t llama_kv_score_access::compact_units(llama_context & lctx, llama_kv_cache & kv, uint32_t strm, int32_t seq_id) {
+//
+// iSWA (swa != nullptr): the positions inside the sliding window join the numbering. They
+// are a run of consecutive positions ending at the newest token, so their new numbers are
+// consecutive too and the whole window shifts by one delta (llama.cpp's K-shift of the SWA
+// cache), keeping every distance an SWA layer sees; the global units' tokens in the window
+// get the same numbers as the window's. With a window the numbering is always the one list
+// (each unit's own 0..n-1 would break the window's single delta).
+int32_t llama_kv_score_access::compact_units(llama_context & lctx, llama_kv_cache & kv, uint32_t strm, int32_t seq_id,
+                                             llama_kv_cache * swa) {
     auto & cells = kv.v_cells[strm];
     llama_kv_units & u = kv.a2sf_units;
 
@@ -196,11 +227,19 @@ int32_t llama_kv_score_access::compact_units(llama_context & lctx, llama_kv_cach
     }
     const int32_t n = (int32_t) mine.size();
 
+    swa_seq_cells w;
+    if (swa != nullptr) {
+        w = gather_swa(*swa, seq_id);
+        if (swa_shared(w)) {
+            return LLAMA_KV_POLICY_ERR_SHARED;
+        }
+    }
+
     const int64_t t0 = ggml_time_us();
 
-    // the positions any unit holds, in order: one numbering for all (see above)
-    std::vector<int32_t> held;
-    held.reserve((size_t) u.n_units()*mine.size());
+    // the positions any unit holds, and the window's, in order: one numbering for all (see above)
+    std::vector<int32_t> held(w.window.begin(), w.window.end());
+    held.reserve(held.size() + (size_t) u.n_units()*mine.size());
     for (uint32_t k = 0; k < u.n_units(); ++k) {
         for (uint32_t c : mine) {
             held.push_back(u.pos[u.at(strm, k, c)]);
@@ -209,8 +248,20 @@ int32_t llama_kv_score_access::compact_units(llama_context & lctx, llama_kv_cach
     std::sort(held.begin(), held.end());
     held.erase(std::unique(held.begin(), held.end()), held.end());
     const int64_t n_train  = (int64_t) kv.hparams.n_ctx_train;
-    const bool    one_list = n_train <= 0 || (int64_t) held.size() + (int64_t) cells.size() <= n_train;
+    const bool    one_list = swa != nullptr || n_train <= 0 || (int64_t) held.size() + (int64_t) cells.size() <= n_train;
     const int32_t m        = one_list ? (int32_t) held.size() : n;
+    const auto rank = [&](int32_t p) { return (int32_t) (std::lower_bound(held.begin(), held.end(), p) - held.begin()); };
+
+    // the window's one delta; its positions are consecutive, so every one of them gets it
+    llama_pos d_swa = 0;
+    if (!w.window.empty()) {
+        d_swa = rank(w.window.front()) - w.window.front();
+        for (llama_pos p : w.window) {
+            if (rank(p) - p != d_swa) {
+                return LLAMA_KV_POLICY_ERR_STATE; // a hole inside the window: not llama.cpp's SWA cache
+            }
+        }
+    }
 
     std::vector<std::vector<int32_t>> deltas(u.n_units(), std::vector<int32_t>(cells.size(), 0));
     std::vector<std::vector<int32_t>> renum(u.n_units(), std::vector<int32_t>(cells.size(), -1));
@@ -223,18 +274,16 @@ int32_t llama_kv_score_access::compact_units(llama_context & lctx, llama_kv_cach
         std::sort(order.begin(), order.end());
         for (int32_t i = 0; i < n; ++i) {
             const uint32_t c = order[i].second;
-            const int32_t  p = one_list
-                ? (int32_t) (std::lower_bound(held.begin(), held.end(), order[i].first) - held.begin())
-                : i;
+            const int32_t  p = one_list ? rank(order[i].first) : i;
             deltas[k][c] = p - order[i].first;
             renum[k][c]  = p;
             moved |= deltas[k][c] != 0;
         }
     }
-    if (!moved) {
+    if (!moved && d_swa == 0) {
         return m;
     }
-    if (!rotate_unit_rows(lctx, kv, strm, deltas)) {
+    if (moved && !rotate_unit_rows(lctx, kv, strm, deltas)) {
         return LLAMA_KV_POLICY_ERR_STATE;
     }
     for (uint32_t k = 0; k < u.n_units(); ++k) {
@@ -250,6 +299,12 @@ int32_t llama_kv_score_access::compact_units(llama_context & lctx, llama_kv_cach
         }
     }
     cells.reset_shift();
+
+    if (d_swa != 0) {
+        shift_swa(w, d_swa);
+        lctx.synchronize();
+        lctx.memory_update(false); // the SWA cache's K-shift, now (the base has none pending)
+    }
 
     auto & st = lctx.kv_score;
     st.n_compactions++;

@@ -207,8 +207,19 @@ struct llama_kv_score_access {
     // the token unit u holds in that cell of stream strm (llama-kv-move.cpp)
     static bool rotate_unit_rows(llama_context & lctx, llama_kv_cache & kv, uint32_t strm,
                                  const std::vector<std::vector<int32_t>> & deltas);
-    // compaction of a stream whose units hold different tokens per cell (llama-kv-compact.cpp)
-    static int32_t compact_units(llama_context & lctx, llama_kv_cache & kv, uint32_t strm, int32_t seq_id);
+    // the sliding-window cache's cells of one sequence, and the positions inside its window
+    // (the ones a next query can still see: llama.cpp drops the others lazily)
+    struct swa_seq_cells {
+        llama_kv_cells * cells = nullptr;
+        std::vector<std::pair<int32_t, uint32_t>> all; // (position, cell), ascending
+        std::vector<int32_t> window;                   // ascending
+        int32_t pos_max = -1;
+    };
+    static swa_seq_cells gather_swa(llama_kv_cache & swa, int32_t seq_id);
+    // compaction of a stream whose units hold different tokens per cell (llama-kv-compact.cpp);
+    // swa: the sliding-window cache beside it (iSWA memory), renumbered in step, or nullptr
+    static int32_t compact_units(llama_context & lctx, llama_kv_cache & kv, uint32_t strm, int32_t seq_id,
+                                 llama_kv_cache * swa);
 
     // lazy decode scoring (llama-kv-lazy.cpp).
     // llama_context::decode, before each ubatch's graph: decide whether this ubatch only

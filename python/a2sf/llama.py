@@ -144,14 +144,12 @@ class Llama(InputGuards, PositionLimit, PositionCompaction, PrefixReuse, PromptC
         max_positions = extras.get("max_positions")
         if max_positions is not None and max_positions < kwargs["n_ctx"]:
             raise ValueError(f"max_positions ({max_positions}) must be at least n_ctx ({kwargs['n_ctx']})")
-        core = _core()  # fail before loading the model if the engine is missing
+        _core()  # fail before loading the model if the engine is missing
         self._a2sf_load(model_path, kwargs)
         self._a2sf_check_positions(max_positions)
         try:
             policy = self._kv_policy = self._a2sf_set_native_policy(policy)
-            iswa = len(core.scored_layers(self._a2sf_ctx())) < int(llama_cpp.llama_model_n_layer(self._model.model))
             positions = resolve_positions(extras.get("positions"), self._a2sf_position_limit is not None,
-                                          policy.granularity not in (None, "token") and iswa,
                                           shiftable=self._a2sf_can_shift(),
                                           per_unit=policy.granularity in ("layer", "head"))
             self._a2sf_start_budget(extras.get("kv_budget"))

@@ -29,24 +29,17 @@ DEFAULT_POSITIONS = "cache"
 DEFAULT_POSITIONS_PER_UNIT = "training"
 
 
-def resolve_positions(mode: Optional[str], learned_positions: bool, per_unit_beside_window: bool = False,
-                      shiftable: bool = True, per_unit: bool = False) -> str:
+def resolve_positions(mode: Optional[str], learned_positions: bool, shiftable: bool = True,
+                      per_unit: bool = False) -> str:
     """The positions mode a Llama runs with: the user's, or the default for its model.
 
-    ``per_unit_beside_window``: granularity "layer"/"head" on an iSWA model: its moves
-    leave a cell holding tokens of different positions per head, which the engine
-    renumbers per head, but not in step with the sliding-window cache beside it.
     ``shiftable``: the engine can re-rotate the cache's K (not a quantized K that llama.cpp
     stores without its Hadamard rotation: head_dim not a multiple of 64).
     ``per_unit``: granularity "layer"/"head" is in force."""
     if mode is None:
-        if learned_positions or per_unit_beside_window or not shiftable:
+        if learned_positions or not shiftable:
             return "absolute"
         return DEFAULT_POSITIONS_PER_UNIT if per_unit else DEFAULT_POSITIONS
-    if per_unit_beside_window and mode != "absolute":
-        raise ValueError(
-            f"positions={mode!r} needs granularity='token' on a sliding-window (iSWA) model: per-head "
-            "cells cannot be renumbered in step with the window cache")
     if mode not in POSITION_MODES:  # the settings table validated it already
         raise ValueError(f"positions must be one of {', '.join(POSITION_MODES)}, got {mode!r}")
     if learned_positions and mode != "absolute":

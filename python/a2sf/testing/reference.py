@@ -115,6 +115,14 @@ class ReferenceLlama:
         out[..., 1:d:2] = x0 * sin + x1 * cos
         return out
 
+    def _rope_layer(self, x: np.ndarray, pos: np.ndarray, il: int) -> np.ndarray:
+        """Layer il's RoPE (one for every layer here; Gemma 3 has two bases)."""
+        return self._rope(x, pos)
+
+    def _window(self, il: int) -> int:
+        """Layer il's sliding window (a query at p sees keys above p - window), 0 for none."""
+        return 0
+
     # -- one layer; the forward pass is the same for every architecture, which
     #    overrides these steps (see reference_gemma3) ------------------------
     def _embed(self, tok: np.ndarray) -> np.ndarray:
@@ -135,7 +143,7 @@ class ReferenceLlama:
     def _qkv(self, x: np.ndarray, il: int, pos: np.ndarray):
         """Layer il's RoPE'd queries [T, H, hd], keys and values [T, Hkv, hd] of hidden states x."""
         q, k, v = self._project_qkv(x, il)
-        return self._rope(q, pos), self._rope(k, pos), v
+        return self._rope_layer(q, pos, il), self._rope_layer(k, pos, il), v
 
     @property
     def _kq_scale(self) -> float:

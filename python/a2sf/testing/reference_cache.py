@@ -65,6 +65,8 @@ class UnitCachedReference:
                 self.unit_pos[il][hk] = np.concatenate([self.unit_pos[il][hk], qpos])
                 self.tok[il][hk] = np.concatenate([self.tok[il][hk], idx])
                 masked = self.unit_pos[il][hk][None, :] > qpos[:, None]
+                if r._window(il):
+                    masked |= (qpos[:, None] - self.unit_pos[il][hk][None, :]) >= r._window(il)
                 for g in range(group):
                     hq = hk * group + g
                     att = q[:, hq] @ self.k[il][hk].T * scale
@@ -84,20 +86,43 @@ class UnitCachedReference:
     def compact(self, per_unit: bool = False) -> None:
         """Renumber the held keys and rotate each by its change of position: the positions
         any unit holds become 0..m-1, one numbering for all units (``per_unit``: each
-        unit's own 0..n-1 instead, the engine's fallback near the training context)."""
-        held = np.unique(np.concatenate([p for row in self.unit_pos for p in row] + [np.zeros(0, np.int64)]))
-        for il in range(self.ref.n_layer):
-            for hk in range(self.ref.n_head_kv):
+        unit's own 0..n-1 instead, the engine's fallback near the training context).
+        Beside sliding-window layers the positions inside the window join the numbering,
+        and those layers' keys all shift by the window's one delta."""
+        r = self.ref
+        L, Hkv = r.n_layer, r.n_head_kv
+        swa = [il for il in range(L) if r._window(il)]
+        if swa and per_unit:
+            raise ValueError("per-unit numbering would break the sliding window's single delta")
+        every = np.concatenate([p for row in self.unit_pos for p in row] + [np.zeros(0, np.int64)])
+        nxt = int(every.max()) + 1 if len(every) else 0  # the next query's position
+        held = [self.unit_pos[il][hk] for il in range(L) if il not in swa for hk in range(Hkv)]
+        for il in swa:
+            for hk in range(Hkv):
+                p = self.unit_pos[il][hk]
+                held.append(p[nxt - p < r._window(il)])  # what the next query still sees
+        held = np.unique(np.concatenate(held + [np.zeros(0, np.int64)]))
+        for il in range(L):
+            for hk in range(Hkv):
                 order = np.argsort(self.unit_pos[il][hk], kind="stable")
                 for a in (self.k, self.v, self.unit_pos, self.tok):
                     a[il][hk] = a[il][hk][order]
+                p = self.unit_pos[il][hk]
                 if per_unit:
                     new = np.arange(len(order), dtype=np.int64)
+                elif il in swa:
+                    seen = p[nxt - p < r._window(il)]
+                    d = int(np.searchsorted(held, seen[0]) - seen[0]) if len(seen) else 0
+                    new = p + d
                 else:
-                    new = np.searchsorted(held, self.unit_pos[il][hk]).astype(np.int64)
-                delta = new - self.unit_pos[il][hk]
-                self.k[il][hk] = self.ref._rope(self.k[il][hk][:, None, :], delta)[:, 0, :]
+                    new = np.searchsorted(held, p).astype(np.int64)
+                delta = new - p
+                self.k[il][hk] = r._rope_layer(self.k[il][hk][:, None, :], delta, il)[:, 0, :]
                 self.unit_pos[il][hk] = new
+                if il in swa:  # the engine frees the cells pushed below position 0
+                    keep = new >= 0
+                    for a in (self.k, self.v, self.unit_pos, self.tok):
+                        a[il][hk] = a[il][hk][keep]
 
 
 class CachedReference(UnitCachedReference):

@@ -104,9 +104,14 @@ class ReferenceGemma3(ReferenceLlama):
         q, k, v = self._project_qkv(x, il)
         q = self._rms(q, self.w[p + "attn_q_norm.weight"])
         k = self._rms(k, self.w[p + "attn_k_norm.weight"])
-        base = self.rope_base_swa if self.is_swa[il] else self.rope_base
-        q, k = self._rope_neox(q, pos, base), self._rope_neox(k, pos, base)
+        q, k = self._rope_layer(q, pos, il), self._rope_layer(k, pos, il)
         return q / np.sqrt(self.head_dim), k, v
+
+    def _rope_layer(self, x: np.ndarray, pos: np.ndarray, il: int) -> np.ndarray:
+        return self._rope_neox(x, pos, self.rope_base_swa if self.is_swa[il] else self.rope_base)
+
+    def _window(self, il: int) -> int:
+        return max(self.n_swa, 1) if self.is_swa[il] else 0
 
     @property
     def _kq_scale(self) -> float:
@@ -117,7 +122,7 @@ class ReferenceGemma3(ReferenceLlama):
         """Sliding-window layers also hide the keys ``pos_q - pos_k >= n_swa`` back."""
         if not self.is_swa[il]:
             return masked
-        return masked | ((pos[:, None] - pos[None, :]) >= max(self.n_swa, 1))  # [query, key]
+        return masked | ((pos[:, None] - pos[None, :]) >= self._window(il))  # [query, key]
 
     def _block_out(self, x: np.ndarray, o: np.ndarray, il: int) -> np.ndarray:
         """Output projection and GELU FFN, each RMS-normalised before its residual."""
