@@ -278,3 +278,27 @@ def test_logits_through_per_head_compactions_beside_the_window_equal_the_referen
     assert llama_cpp.llama_memory_seq_pos_max(mem, 0) == pos.max() == llm._a2sf_positions.position_of(len(toks)) - 1
     out = llm.create_completion("the cat", max_tokens=4, temperature=0.0)
     assert out["usage"]["completion_tokens"] > 0
+
+
+def test_per_head_state_after_a_compaction_beside_the_window_loads_into_a_new_context(core, tmp_path):
+    """A state saved after per-head compactions beside the window (both caches renumbered, each
+    global head holding its own tokens) loads into a fresh context, which then holds the same
+    tokens per head and continues with the same logits."""
+    path = str(write_tiny_gemma3(tmp_path / "g.gguf", swa_pattern=2, sliding_window=48))
+    kw = dict(granularity="head", positions="cache", n_sink=2, n_recent=8, n_batch=8, n_ubatch=8, logits_all=True)
+    llm = _llm(path, "a2sf", **kw)
+    toks = [int(t) for t in np.random.default_rng(1).integers(3, llm.n_vocab(), 820)]
+    llm.eval(toks[:800])
+    assert llm.kv_stats()["compactions"] >= 1
+    state = llm.save_state()
+    pos0, sc0 = llm.kv_head_scores()
+    llm.eval(toks[800:])
+    want = np.array(llm.scores[800:820])
+
+    other = _llm(path, "a2sf", **kw)
+    other.load_state(state)
+    pos1, sc1 = other.kv_head_scores()
+    np.testing.assert_array_equal(pos1, pos0)
+    np.testing.assert_array_equal(sc1, sc0)
+    other.eval(toks[800:])
+    np.testing.assert_allclose(np.array(other.scores[800:820]), want, rtol=1e-5, atol=1e-5)

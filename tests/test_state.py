@@ -85,6 +85,22 @@ def test_load_state_continues_identically(core, tiny_f32, policy):
     assert not set(before.positions.tolist()) <= kept, "no eviction after the snapshot"
 
 
+def test_load_state_with_all_logits_keeps_room_for_the_next_batches(core, tiny_f32):
+    """logits_all: a fresh context that loads a state of a sequence longer than its cache keeps
+    every later token's logits (llama_cpp.Llama.load_state replaces input_ids by the saver's,
+    longer array; the logits rows must still grow with the sequence)."""
+    orig = make(tiny_f32, "a2sf", logits_all=True, n_batch=8, n_ubatch=8)
+    toks = prompt(640)
+    orig.eval(toks[:600])
+    state = orig.save_state()
+    orig.eval(toks[600:])
+    fresh = make(tiny_f32, "a2sf", logits_all=True, n_batch=8, n_ubatch=8)
+    fresh.load_state(state)
+    fresh.eval(toks[600:])  # five batches past what the load reserved
+    assert fresh.n_tokens == 640
+    np.testing.assert_allclose(np.array(fresh.scores[600:640]), np.array(orig.scores[600:640]), rtol=1e-4, atol=1e-4)
+
+
 def test_load_state_into_the_same_context_rewinds(core, tiny_f32):
     llm = make(tiny_f32, "a2sf")
     llm.eval(prompt())

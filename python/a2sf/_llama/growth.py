@@ -77,17 +77,19 @@ class GrowingSequence(PolicyBase):
         )
 
     def _a2sf_reserve(self, n: int) -> None:
-        """Grow input_ids (and scores under logits_all) to hold at least n positions."""
+        """Grow input_ids (and scores under logits_all) to hold at least n positions.
+
+        Each is checked on its own: llama_cpp.Llama.load_state replaces input_ids by the
+        saver's array, whose length need not match this context's scores."""
         have = self.input_ids.shape[0]
-        if n <= have:
-            return
-        new = max(n, 2 * have)
-        ids = np.zeros((new,), dtype=self.input_ids.dtype)
-        ids[:have] = self.input_ids
-        self.input_ids = ids
-        if self._logits_all and self.scores.shape[0] < new:
-            sc = np.zeros((new, self.scores.shape[1]), dtype=self.scores.dtype)
-            sc[: self.scores.shape[0]] = self.scores
+        if n > have:
+            ids = np.zeros((max(n, 2 * have),), dtype=self.input_ids.dtype)
+            ids[:have] = self.input_ids
+            self.input_ids = ids
+        rows = self.scores.shape[0]
+        if self._logits_all and n > rows:
+            sc = np.zeros((max(n, 2 * rows), self.scores.shape[1]), dtype=self.scores.dtype)
+            sc[:rows] = self.scores
             self.scores = sc
 
     def eval(self, tokens: Sequence[int]):
