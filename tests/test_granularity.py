@@ -301,10 +301,7 @@ def test_logits_through_many_per_head_compactions_equal_the_reference(tmp_path, 
             per_unit = len(held) + 256 > n_ctx_train
             n_per_unit += per_unit
             c.compact(per_unit=per_unit)
-        pos, _ = llm.kv_head_scores()
-        for l in range(reference.n_layer):
-            for h in range(reference.n_head_kv):  # each head keeps what the engine's head kept
-                c.keep(l, h, c.tok[l][h][np.isin(c.unit_pos[l][h], pos[l, h])])
+        c.keep_held(llm.kv_head_scores()[0])  # each head keeps what the engine's head kept
         p0 = llm._a2sf_positions.position_of(i)
         want = c.step(chunk, np.arange(p0, p0 + len(chunk)))
         got = np.array(llm.scores[i:i + len(chunk)], dtype=np.float64)

@@ -257,10 +257,7 @@ def test_logits_through_per_head_compactions_beside_the_window_equal_the_referen
         llm.eval(chunk)  # compacts first if due, evicts inside the decode if full
         if llm.kv_stats()["compactions"] > n_comp:
             c.compact()
-        pos, _ = llm.kv_head_scores()
-        for j, il in enumerate(glob):
-            for h in range(reference.n_head_kv):  # each global head keeps what the engine's kept
-                c.keep(il, h, c.tok[il][h][np.isin(c.unit_pos[il][h], pos[j, h])])
+        c.keep_held(llm.kv_head_scores()[0], glob)  # each global head keeps what the engine's kept
         p0 = llm._a2sf_positions.position_of(i)
         want = c.step(chunk, np.arange(p0, p0 + len(chunk)))
         got = np.array(llm.scores[i:i + len(chunk)], dtype=np.float64)

@@ -18,7 +18,7 @@ entries at positions <= p.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -82,6 +82,15 @@ class UnitCachedReference:
         sel = np.isin(self.tok[il][hk], np.asarray(token_indices, dtype=np.int64))
         for a in (self.k, self.v, self.unit_pos, self.tok):
             a[il][hk] = a[il][hk][sel]
+
+    def keep_held(self, positions: np.ndarray, layers: Optional[Sequence[int]] = None) -> None:
+        """Each unit keeps the keys at the positions the engine's unit holds: ``positions``
+        [len(layers), n_head_kv, n_cells] as ``Llama.kv_head_scores()`` gives them, row j
+        for model layer ``layers[j]`` (default: every layer, in order)."""
+        layers = range(self.ref.n_layer) if layers is None else layers
+        for j, il in enumerate(layers):
+            for hk in range(self.ref.n_head_kv):
+                UnitCachedReference.keep(self, il, hk, self.tok[il][hk][np.isin(self.unit_pos[il][hk], positions[j, hk])])
 
     def compact(self, per_unit: bool = False) -> None:
         """Renumber the held keys and rotate each by its change of position: the positions
