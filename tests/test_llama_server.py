@@ -96,9 +96,6 @@ def _run_bad(server_bin, smollm2, *flags):
      "n_sink, n_recent, evict_chunk, value_aware, seed, granularity, mean_attention, decode_scoring)"),
     (["--kv-policy", "a2sf", "--kv-granularity", "cell"],
      "error: --kv-granularity: granularity must be one of token, layer, head, got 'cell'"),
-    (["--kv-policy", "a2sf", "--kv-granularity", "head", "--kv-positions", "cache"],
-     "error: --kv-positions: positions='cache' needs granularity='token': with 'layer'/'head' a cell holds "
-     "tokens of different positions per head, so positions cannot be renumbered per cell"),
     (["--kv-sink", "8"], "error: policy settings ['n_sink'] given without a policy (kv_policy is None); "
                          "name one of ['a2sf', 'h2o', 'mean', 'none', 'random', 'streaming', 'tova', 'vatp']"),
     (["--kv-policy", "tova", "--kv-positions", "sideways"],
@@ -169,7 +166,9 @@ def _running_server(args, log: Path):
 def llama_server(server_bin, smollm2, tmp_path_factory):
     require_module("openai")
     log = tmp_path_factory.mktemp("llama_server") / "server.log"
-    args = [server_bin, "-m", smollm2, "-np", N_SLOTS, "-c", N_CTX, "--kv-policy", "a2sf", "-t", "2", "--seed", "0"]
+    # per-head cells (the default) renumbered at twice a slot's cells, so that the prompts compact
+    args = [server_bin, "-m", smollm2, "-np", N_SLOTS, "-c", N_CTX, "--kv-policy", "a2sf", "--kv-positions", "cache",
+            "-t", "2", "--seed", "0"]
     with _running_server(args, log) as base:
         yield base, log
 
@@ -273,3 +272,31 @@ def test_unified_cache_slots_share_its_cells_and_evict(server_bin, smollm2, tmp_
     assert sum(s["evictions"] for s in slots) > 0, slots
     text = log.read_text()
     assert "context shift" not in text and "exceeds the available context size" not in text
+
+
+@pytest.mark.parametrize("positions", [None, "cache"])
+def test_slot_selects_per_head_by_default_and_compacts_its_cells(server_bin, smollm2, tmp_path, positions):
+    """A scored policy selects per (layer, KV head) in llama-server too, with positions "training"
+    unless told (as a2sf.Llama); --kv-positions cache renumbers the slot's per-head cells: a
+    ~600-token prompt through a 256-cell slot is answered, evicts, compacts, and the slot never
+    holds more than its cells."""
+    log = tmp_path / "server.log"
+    args = [server_bin, "-m", smollm2, "-np", 1, "-c", 256, "--kv-policy", "a2sf", "-t", 2, "--seed", 0]
+    if positions is not None:
+        args += ["--kv-positions", positions]
+    with _running_server(args, log) as base:
+        body = json.dumps({"messages": [{"role": "user", "content": _prompt(0)}], "max_tokens": 16,
+                           "temperature": 0}).encode()
+        req = urllib.request.Request(base + "/v1/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=600) as r:
+            d = json.loads(r.read())
+        slot = _slots(base)[0]["a2sf"]
+    assert d["choices"][0]["message"]["content"].strip() and d["usage"]["prompt_tokens"] > 2 * 256
+    assert "granularity 2)" in log.read_text()  # LLAMA_KV_GRANULARITY_HEAD, resolved from unset
+    assert slot["positions"] == (positions or "training")
+    assert slot["cells"] <= 256 and slot["evictions"] > 0, slot
+    if positions == "cache":
+        assert slot["compactions"] > 0 and slot["position_offset"] > 0, slot
+    else:  # "training": SmolLM2's 8192 positions are far away
+        assert slot["compactions"] == 0, slot

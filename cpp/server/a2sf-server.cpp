@@ -66,6 +66,7 @@ struct server_state {
     int32_t                  n_cells = 0;      // a slot's cells
     int32_t                  n_chunk = 0;      // a slot's prompt chunk (0: n_ctx unknown before the model)
     std::vector<int64_t>     offset, n_evictions, n_cells_evicted, n_compactions;
+    std::vector<int64_t>     next_after;       // the position a slot's last compaction returned (0: none)
     std::vector<int32_t>     cells_before, added;
     llama_context *          ctx = nullptr;
     bool                     warned_shared = false;
@@ -304,21 +305,8 @@ void resolve() {
     kp.mean_attention    =           values[field_index("mean_attention")] != 0.0;
     kp.decode_scoring    = (int32_t) values[field_index("decode_scoring")];
 
-    // granularity left unset: the slots renumber positions per cell (--kv-positions cache, the
-    // default here), which needs one token per cell; head only where positions stay absolute
-    if (kp.granularity == LLAMA_KV_GRANULARITY_AUTO && !(s.positions_given && s.positions == "absolute")) {
-        kp.granularity = LLAMA_KV_GRANULARITY_TOKEN;
-    }
-
-    // positions: as python/a2sf/_llama/compaction.py resolve_positions
-    const bool per_unit = kp.kind == LLAMA_KV_POLICY_SCORE && kp.granularity != LLAMA_KV_GRANULARITY_TOKEN;
-    if (!s.positions_given) {
-        s.positions = per_unit ? "absolute" : "cache";
-    } else if (per_unit && s.positions != "absolute") {
-        throw std::invalid_argument("--kv-positions: positions=" + py_repr(s.positions) +
-            " needs granularity='token': with 'layer'/'head' a cell holds tokens of different positions "
-            "per head, so positions cannot be renumbered per cell");
-    }
+    // positions left unset: chosen in a2sf_server_attach once llama_kv_policy_set has resolved
+    // the granularity (as python/a2sf/_llama/compaction.py resolve_positions)
 }
 
 void grow(int32_t seq_id) {
@@ -329,6 +317,7 @@ void grow(int32_t seq_id) {
         s.n_evictions.resize(n, 0);
         s.n_cells_evicted.resize(n, 0);
         s.n_compactions.resize(n, 0);
+        s.next_after.resize(n, 0);
         s.cells_before.resize(n, 0);
         s.added.resize(n, 0);
     }
@@ -427,6 +416,17 @@ bool a2sf_server_attach(llama_context * ctx, const common_params & params) {
     const llama_model * model = llama_get_model(ctx);
     s.n_ctx_train = llama_model_n_ctx_train(model);
     s.ctx = ctx;
+    // the granularity in force (AUTO resolved: head, or token where head cannot run); the
+    // positions default as in python/a2sf/_llama/compaction.py: "training" per layer or head
+    // (measured: fewer re-rotations read better), "cache" per token
+    llama_kv_policy_params in_force = s.params;
+    if (llama_kv_policy_get(ctx, &in_force) == 0) {
+        s.params.granularity = in_force.granularity;
+    }
+    if (!s.positions_given) {
+        const bool per_unit = s.params.kind == LLAMA_KV_POLICY_SCORE && s.params.granularity != LLAMA_KV_GRANULARITY_TOKEN;
+        s.positions = per_unit ? "training" : "cache";
+    }
     if (s.positions != "absolute" && !llama_memory_can_shift(llama_get_memory(ctx))) {
         if (s.positions_given) {
             LOG_ERR("a2sf: --kv-positions %s: this model's positions cannot be re-rotated; use --kv-positions absolute\n",
@@ -515,16 +515,22 @@ void a2sf_server_after_decode(llama_context * ctx) {
         // batch could run past the training context; "cache" before it could reach twice the
         // slot's cells (or the training context), once cells were evicted since the last
         // compaction (one compaction per cache's worth of tokens: each re-rotates every cell)
+        // (per layer/head the positions any head holds can pass the cells: compacting lowers them
+        // only past the last compaction's next position, so "cache" waits a slot's cells past it)
         const int64_t train = s.n_ctx_train > 0 ? (int64_t) s.n_ctx_train : INT64_MAX;
-        const int64_t bound = s.positions == "cache" ? std::min<int64_t>(train, 2 * (int64_t) s.n_cells) : train;
+        const int64_t cache = std::max<int64_t>(2 * (int64_t) s.n_cells, s.next_after[sid] + s.n_cells);
+        const int64_t bound = s.positions == "cache" ? std::min<int64_t>(train, cache) : train;
         const bool want = (int64_t) pos_max + 1 + s.n_batch > bound && n_cells < pos_max + 1;
         if (!want) {
             continue;
         }
         const int32_t n = llama_kv_policy_compact(ctx, (llama_seq_id) sid);
-        if (n >= 0) {
+        if (n >= 0 && n < pos_max + 1) {
             s.offset[sid] += (int64_t) pos_max + 1 - n;
+            s.next_after[sid] = n;
             s.n_compactions[sid]++;
+        } else if (n >= 0) {
+            s.next_after[sid] = n; // nothing to lower: every position below is held
         } else if (!s.warned_shared) {
             s.warned_shared = true;
             LOG_WRN("a2sf: compaction of sequence %zu failed (%d); its positions stay absolute\n", sid, n);
@@ -539,6 +545,7 @@ void a2sf_server_seq_rm(int32_t seq_id, llama_pos p0) {
     }
     grow(seq_id);
     s.offset[seq_id] = 0;
+    s.next_after[seq_id] = 0;
 }
 
 std::string a2sf_server_slot_json(int32_t seq_id) {
