@@ -40,7 +40,7 @@ def ref(gemma):
 
 def _llm(path, policy=None, **kw):
     # these tests follow one token per cell through the window and the compaction
-    # (with the default head granularity an iSWA model keeps absolute positions)
+    # (granularity token; the per-head tests at the end of this file pass their own)
     if isinstance(policy, str) and policy not in ("streaming", "random", "none"):
         kw.setdefault("granularity", "token")
     elif policy is not None and not isinstance(policy, str) and policy.granularity is None:
