@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from a2sf import Llama
+from a2sf.eval.engine import log_softmax_rows
 from a2sf.policies import POLICY_NAMES
 
 from conftest import generate_past_n_ctx, missing_dependency
@@ -67,9 +68,7 @@ def test_gemma3_per_head_stream_compacts_beside_its_512_window(core, gemma3_270m
         llm.eval(toks)
         lg = np.array(llm.scores[:len(toks) - 1], dtype=np.float64)
         assert np.isfinite(lg).all()
-        top = lg.max(axis=1, keepdims=True)
-        lse = np.log(np.exp(lg - top).sum(axis=1)) + top[:, 0]
-        nll = lse - lg[np.arange(len(toks) - 1), toks[1:]]
+        nll = -log_softmax_rows(lg)[np.arange(len(toks) - 1), toks[1:]]
         pos, _ = llm.kv_head_scores()
         out[positions] = (float(np.exp(nll[-700:].mean())), llm.kv_stats()["compactions"], int(pos.max()))
         llm.close()

@@ -525,12 +525,12 @@ void a2sf_server_after_decode(llama_context * ctx) {
             continue;
         }
         const int32_t n = llama_kv_policy_compact(ctx, (llama_seq_id) sid);
-        if (n >= 0 && n < pos_max + 1) {
-            s.offset[sid] += (int64_t) pos_max + 1 - n;
+        if (n >= 0) {
             s.next_after[sid] = n;
-            s.n_compactions[sid]++;
-        } else if (n >= 0) {
-            s.next_after[sid] = n; // nothing to lower: every position below is held
+            if (n < pos_max + 1) { // it lowered the positions (else every position below is held)
+                s.offset[sid] += (int64_t) pos_max + 1 - n;
+                s.n_compactions[sid]++;
+            }
         } else if (!s.warned_shared) {
             s.warned_shared = true;
             LOG_WRN("a2sf: compaction of sequence %zu failed (%d); its positions stay absolute\n", sid, n);

@@ -105,12 +105,11 @@ class UnitCachedReference:
             raise ValueError("per-unit numbering would break the sliding window's single delta")
         every = np.concatenate([p for row in self.unit_pos for p in row] + [np.zeros(0, np.int64)])
         nxt = int(every.max()) + 1 if len(every) else 0  # the next query's position
+        # what the next query still sees of each window layer's keys
+        seen = {(il, hk): self.unit_pos[il][hk][nxt - self.unit_pos[il][hk] < r._window(il)]
+                for il in swa for hk in range(Hkv)}
         held = [self.unit_pos[il][hk] for il in range(L) if il not in swa for hk in range(Hkv)]
-        for il in swa:
-            for hk in range(Hkv):
-                p = self.unit_pos[il][hk]
-                held.append(p[nxt - p < r._window(il)])  # what the next query still sees
-        held = np.unique(np.concatenate(held + [np.zeros(0, np.int64)]))
+        held = np.unique(np.concatenate(held + list(seen.values()) + [np.zeros(0, np.int64)]))
         for il in range(L):
             for hk in range(Hkv):
                 order = np.argsort(self.unit_pos[il][hk], kind="stable")
@@ -120,9 +119,8 @@ class UnitCachedReference:
                 if per_unit:
                     new = np.arange(len(order), dtype=np.int64)
                 elif il in swa:
-                    seen = p[nxt - p < r._window(il)]
-                    d = int(np.searchsorted(held, seen[0]) - seen[0]) if len(seen) else 0
-                    new = p + d
+                    w = seen[il, hk]
+                    new = p + (int(np.searchsorted(held, w.min()) - w.min()) if len(w) else 0)
                 else:
                     new = np.searchsorted(held, p).astype(np.int64)
                 delta = new - p
