@@ -35,6 +35,13 @@ def _tokens(n, seed=0):
     return [int(t) for t in np.random.default_rng(seed).integers(3, 290, n)]
 
 
+def _left_out(alpha, n_group):
+    """For 0 < alpha < 1 eager scoring sums a ubatch's last rows_that_count query rows and a
+    window ring the stream's last ones: what either leaves out adds at most 1e-5 of the
+    largest score a cell can carry, n_group/(1-alpha) (llama_kv_policy_cfg::rows_that_count)."""
+    return 1e-5 * n_group / (1 - alpha) if 0 < alpha < 1 else 0.0
+
+
 def _feed(llm, tokens, n_prompt):
     llm.eval(tokens[:n_prompt])
     for t in tokens[n_prompt:]:
@@ -60,12 +67,14 @@ def test_lazy_scores_equal_eager_and_the_reference(core, tiny_f32, policy, kw, g
     else:
         # every decode step went through the ring: one flush when it filled, one for the read
         assert stl["lazy_queries"] == N_DECODE and stl["lazy_flushes"] == 2
-    np.testing.assert_array_equal(pl, pe)
-    np.testing.assert_allclose(sl, se, **SAME)
-    np.testing.assert_allclose(hl, he, **SAME)
-    # layer 0 reads the reference's own inputs (flash attention rounds deeper layers' inputs)
     pol = make_policy(policy, **kw)
-    fr = ReferenceLlama(tiny_f32).forward(tokens)
+    model = ReferenceLlama(tiny_f32)
+    np.testing.assert_array_equal(pl, pe)
+    same = dict(SAME, atol=SAME["atol"] + _left_out(pol.forgetting_factor, model.n_head // model.n_head_kv))
+    np.testing.assert_allclose(sl, se, **same)
+    np.testing.assert_allclose(hl, he, **same)
+    # layer 0 reads the reference's own inputs (flash attention rounds deeper layers' inputs)
+    fr = model.forward(tokens)
     ub = [8, 8, 8] + [1] * N_DECODE
     ref = accumulate_scores(fr.probs, fr.v_l1, ub, pol.forgetting_factor, pol.value_aware)
     np.testing.assert_allclose(sl[0], ref[0], rtol=1e-4, atol=1e-4)

@@ -52,7 +52,10 @@ struct llama_kv_policy_cfg {
 
     // Bounded scoring for alpha < 1: of n queries of one sequence, query t weighs
     // alpha^(n-1-t), so the ones before the last k add at most n_group*alpha^k/(1-alpha)
-    // < n_group*1e-7 to any cell's score. The last k of n that count (TOVA: 1; H2O: all).
+    // to any cell's score: a share alpha^k <= bounded_scoring_tol of the largest score a
+    // cell can carry, n_group/(1-alpha) (every query's probability at most 1). The last k
+    // of n that count (TOVA: 1; H2O: all; alpha = 0.95: 225).
+    static constexpr double bounded_scoring_tol = 1e-5;
     int64_t rows_that_count(int64_t n) const {
         const float alpha = params.forgetting_factor;
         if (alpha >= 1.0f) {
@@ -61,7 +64,7 @@ struct llama_kv_policy_cfg {
         if (alpha <= 0.0f) {
             return n < 1 ? n : 1;
         }
-        const double k = std::ceil(std::log(1e-7*(1.0 - alpha))/std::log((double) alpha));
+        const double k = std::ceil(std::log(bounded_scoring_tol)/std::log((double) alpha));
         const int64_t ki = k < 1.0 ? 1 : (int64_t) k;
         return n < ki ? n : ki;
     }
