@@ -43,6 +43,32 @@ def test_scores_with_skipped_rows_equal_the_full_reference(tiny_f32, alpha, valu
     llm.close()
 
 
+def test_skipped_rows_keep_scores_within_1e5_of_the_largest_score(tiny_f32):
+    # alpha = 0.95 in one 250-token ubatch: the first 25 query rows are left out (225 count).
+    # Issue 17's tolerance: what they add is at most 1e-5 of the largest score a cell can
+    # carry, n_group/(1-alpha); the full reference scores every row.
+    alpha, n = 0.95, 250
+    assert _rows(alpha) == 225 < n
+    ref = ReferenceLlama(tiny_f32)
+    n_group = ref.n_head // ref.n_head_kv
+    toks = [int(t) for t in np.random.default_rng(3).integers(3, 290, n)]
+    llm = Llama(tiny_f32, n_ctx=256, n_batch=n, n_ubatch=n, n_threads=1, kv_policy="a2sf", forgetting_factor=alpha,
+                type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, n_sink=1, n_recent=1, verbose=False)
+    llm.eval(toks)
+    got = llm.kv_scores().scores
+    llm.close()
+    fr = ref.forward(toks)
+    want = accumulate_scores(fr.probs, fr.v_l1, [n], alpha, False)
+    largest = n_group / (1 - alpha)
+    assert np.abs(got - want).max() <= 1e-5 * largest
+    # what the engine sums: the last 225 query rows, weighted alpha^(n-1-q)
+    w = alpha ** (n - 1 - np.arange(n))
+    w[: n - 225] = 0.0
+    last_rows = np.einsum("q,lhqk->lk", w, fr.probs)
+    assert np.abs(want - last_rows).max() > 2e-5  # the 25 rows carry more than the tolerance below
+    np.testing.assert_allclose(got, last_rows, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("policy,kw", [("h2o", {}), ("vatp", {}), ("mean", {}),
                                        ("a2sf", {"forgetting_factor": 0.95, "decode_scoring": "eager"})],
                          ids=["h2o", "vatp", "mean", "a2sf-eager"])
