@@ -102,11 +102,22 @@ def test_inspect_writes_html_and_png(tiny_f32, tmp_path):
 
 
 def test_chat_from_a_pipe(smollm2):
-    """Non-interactive chat: two turns, /stats, and the second answer sees the first turn."""
-    r = _a2sf("chat", "--model", smollm2, "--kv-policy", "a2sf", "--n-ctx", "256", "--temperature", "0",
-              "--max-tokens", "32", stdin="Hi, I am Alice and I like cats.\nWhat animal do I like?\n/stats\n/quit\n")
+    """Non-interactive chat: two turns, /stats, and the second turn is read after the first turn
+    (its history stays in the cache: the positions in use exceed a one-turn chat's by at least
+    the first answer's tokens)."""
+    args = ("chat", "--model", smollm2, "--kv-policy", "a2sf", "--n-ctx", "256", "--temperature", "0",
+            "--max-tokens", "32")
+    r = _a2sf(*args, stdin="Hi, I am Alice and I like cats.\nWhat animal do I like?\n/stats\n/quit\n")
     assert r.returncode == 0, r.stderr
     lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
     assert len(lines) == 3
-    assert "cat" in lines[1]
-    assert re.search(r"\[a2sf\] \d+ positions, \d+ cells of 256 in use", r.stdout)
+    stats = r"\[a2sf\] (\d+) positions, \d+ cells of 256 in use"
+    two_turns = int(re.search(stats, r.stdout).group(1))
+    one = _a2sf(*args, stdin="What animal do I like?\n/stats\n/quit\n")
+    assert one.returncode == 0, one.stderr
+    one_turn = int(re.search(stats, one.stdout).group(1))
+    from a2sf import Llama
+
+    vocab = Llama(smollm2, vocab_only=True, verbose=False)
+    first_answer = vocab.tokenize(lines[0].encode(), add_bos=False)
+    assert two_turns - one_turn >= len(first_answer)

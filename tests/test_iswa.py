@@ -298,4 +298,5 @@ def test_per_head_state_after_a_compaction_beside_the_window_loads_into_a_new_co
     np.testing.assert_array_equal(pos1, pos0)
     np.testing.assert_array_equal(sc1, sc0)
     other.eval(toks[800:])
-    np.testing.assert_allclose(np.array(other.scores[800:820]), want, rtol=1e-5, atol=1e-5)
+    # the loaded cells sum attention in another order: F32 noise (1.5e-5 seen on an AVX2-only CPU)
+    np.testing.assert_allclose(np.array(other.scores[800:820]), want, rtol=1e-4, atol=1e-4)
