@@ -81,6 +81,12 @@ def kv_scores_after_decode(llm, prompt, decode):
     return s
 
 
+# llama_kv_policy_cfg::bounded_scoring_tol: for 0 < alpha < 1 the query rows before the last
+# k = ceil(log(tol)/log(alpha)) add at most tol of the largest score a cell can carry,
+# n_group/(1-alpha), so the engine leaves them out
+BOUNDED_SCORING_TOL = 1e-5
+
+
 def last_logits(llm):
     """A copy of llama.cpp's logits of the last evaluated token (F32 [n_vocab])."""
     import llama_cpp

@@ -120,4 +120,5 @@ def test_chat_from_a_pipe(smollm2):
 
     vocab = Llama(smollm2, vocab_only=True, verbose=False)
     first_answer = vocab.tokenize(lines[0].encode(), add_bos=False)
+    vocab.close()
     assert two_turns - one_turn >= len(first_answer)

@@ -16,6 +16,7 @@ import llama_cpp
 from a2sf import Llama
 from a2sf.policies import make_policy
 from a2sf.testing.reference import ReferenceLlama, accumulate_scores
+from conftest import BOUNDED_SCORING_TOL
 from test_multi_sequence import SEQ0, SEQ1, Ctx, _scores
 
 GGML_TYPE_F32 = 0
@@ -37,9 +38,9 @@ def _tokens(n, seed=0):
 
 def _left_out(alpha, n_group):
     """For 0 < alpha < 1 eager scoring sums a ubatch's last rows_that_count query rows and a
-    window ring the stream's last ones: what either leaves out adds at most 1e-5 of the
-    largest score a cell can carry, n_group/(1-alpha) (llama_kv_policy_cfg::rows_that_count)."""
-    return 1e-5 * n_group / (1 - alpha) if 0 < alpha < 1 else 0.0
+    window ring the stream's last ones: what either leaves out adds at most
+    BOUNDED_SCORING_TOL of the largest score a cell can carry, n_group/(1-alpha)."""
+    return BOUNDED_SCORING_TOL * n_group / (1 - alpha) if 0 < alpha < 1 else 0.0
 
 
 def _feed(llm, tokens, n_prompt):

@@ -10,7 +10,7 @@ from llama_cpp import GGML_TYPE_F32
 from a2sf import Llama
 from a2sf.testing.reference import ReferenceLlama, accumulate_scores, ubatch_sizes
 
-from conftest import emma_tokens, last_logits
+from conftest import BOUNDED_SCORING_TOL, emma_tokens, last_logits
 
 
 def _rows(alpha):  # what the engine keeps (llama-kv-score.cpp score_rows)
@@ -18,7 +18,7 @@ def _rows(alpha):  # what the engine keeps (llama-kv-score.cpp score_rows)
         return None
     if alpha <= 0:
         return 1
-    return int(np.ceil(np.log(1e-5) / np.log(alpha)))  # alpha^k <= 1e-5 of the largest score
+    return int(np.ceil(np.log(BOUNDED_SCORING_TOL) / np.log(alpha)))
 
 
 @pytest.mark.parametrize("flash_attn", [False, True])
@@ -48,7 +48,8 @@ def test_skipped_rows_keep_scores_within_1e5_of_the_largest_score(tiny_f32):
     # Issue 17's tolerance: what they add is at most 1e-5 of the largest score a cell can
     # carry, n_group/(1-alpha); the full reference scores every row.
     alpha, n = 0.95, 250
-    assert _rows(alpha) == 225 < n
+    k = _rows(alpha)
+    assert k == 225 < n
     ref = ReferenceLlama(tiny_f32)
     n_group = ref.n_head // ref.n_head_kv
     toks = [int(t) for t in np.random.default_rng(3).integers(3, 290, n)]
@@ -60,10 +61,10 @@ def test_skipped_rows_keep_scores_within_1e5_of_the_largest_score(tiny_f32):
     fr = ref.forward(toks)
     want = accumulate_scores(fr.probs, fr.v_l1, [n], alpha, False)
     largest = n_group / (1 - alpha)
-    assert np.abs(got - want).max() <= 1e-5 * largest
-    # what the engine sums: the last 225 query rows, weighted alpha^(n-1-q)
+    assert np.abs(got - want).max() <= BOUNDED_SCORING_TOL * largest
+    # what the engine sums: the last k query rows, weighted alpha^(n-1-q)
     w = alpha ** (n - 1 - np.arange(n))
-    w[: n - 225] = 0.0
+    w[: n - k] = 0.0
     last_rows = np.einsum("q,lhqk->lk", w, fr.probs)
     assert np.abs(want - last_rows).max() > 2e-5  # the 25 rows carry more than the tolerance below
     np.testing.assert_allclose(got, last_rows, rtol=1e-5, atol=1e-5)
