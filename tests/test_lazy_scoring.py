@@ -9,6 +9,10 @@ save and load, and a change of sequence in a stream.
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -220,8 +224,9 @@ def test_two_sequences_decoding_lazily_match_the_reference(core, tiny_f32, kv_un
 
 @pytest.mark.parametrize("policy,kw", POLICIES, ids=[p for p, _ in POLICIES])
 def test_auto_scores_each_decode_step_of_a_cpu_cache_in_its_own_graph(core, tiny_f32, policy, kw):
-    # the default: on a host cache a decode step takes the unfused attention and scores in
-    # its own graph (nothing deferred); alpha < 1 prompts still go through the window ring
+    # the default: on a host cache a decode step scores in its own graph (nothing deferred),
+    # with the unfused attention where ggml runs AVX-512 kernels; alpha < 1 prompts still go
+    # through the window ring
     tokens = _tokens(N_PROMPT + N_DECODE)
     llm = Llama(tiny_f32, n_ctx=256, n_batch=16, n_ubatch=8, n_threads=1, n_threads_batch=1, type_k=GGML_TYPE_F32,
                 type_v=GGML_TYPE_F32, flash_attn=True, logits_all=True, verbose=False, kv_policy=policy, **kw)
@@ -235,13 +240,39 @@ def test_auto_scores_each_decode_step_of_a_cpu_cache_in_its_own_graph(core, tiny
     if pol.forgetting_factor < 1:
         assert stats["lazy_queries"] == N_PROMPT  # the prompt's window; no decode step
         np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-4)
-    else:
-        # no fused kernel anywhere: every layer and the logits read exact F32 attention
+    elif core.auto_decode_unfused():
+        # no fused kernel anywhere (8-token ubatches of alpha = 1 take it too): every layer
+        # and the logits read exact F32 attention
         assert stats["lazy_queries"] == 0
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
         logits = np.asarray(llm.scores[:len(tokens)])
         np.testing.assert_allclose(logits, fr.logits, rtol=1e-4, atol=1e-4)
+    else:
+        # the fused kernel computes the attention output (its F16 rounding reaches layer 1's
+        # input), the scores come from an exact K*q product
+        assert stats["lazy_queries"] == 0
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(got, want, rtol=2e-2, atol=5e-3)
     llm.close()
+
+
+def test_auto_takes_the_unfused_decode_attention_exactly_where_ggml_runs_avx512(core):
+    info = llama_cpp.llama_print_system_info().decode()
+    want = {"0": False, "1": True}.get(os.environ.get("A2SF_AUTO_DECODE_UNFUSED"), "AVX512 = 1" in info)
+    assert core.auto_decode_unfused() == want
+
+
+def test_auto_scores_as_the_reference_on_the_other_kind_of_cpu_too(core):
+    # the other path of "auto" (the fused kernel plus the product where this CPU has
+    # AVX-512, the unfused attention where it has not), forced in a fresh process: the
+    # choice is made once per process
+    flip = "0" if core.auto_decode_unfused() else "1"
+    test = f"{__file__}::test_auto_scores_each_decode_step_of_a_cpu_cache_in_its_own_graph"
+    env = {**os.environ, "A2SF_AUTO_DECODE_UNFUSED": flip}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider", test],
+                          cwd=os.path.dirname(__file__), env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert f"{len(POLICIES)} passed" in proc.stdout
 
 
 def test_decode_scoring_rejects_unknown_values(tiny_f32):

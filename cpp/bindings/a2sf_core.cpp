@@ -267,6 +267,12 @@ PYBIND11_MODULE(_core, m) {
         py::arg("ctx"), "Zero the eviction statistics.");
 
     m.def(
+        "auto_decode_unfused", []() { return llama_kv_policy_auto_decode_unfused(); },
+        "Whether decode_scoring \"auto\" scores a decode step of a host cache with llama.cpp's\n"
+        "unfused attention on this CPU (ggml's CPU backend runs AVX-512 kernels) rather than\n"
+        "with the flash-attention kernel plus a K*q product.");
+
+    m.def(
         "state_error", []() { return std::string(llama_kv_policy_state_error()); },
         "Why the last failed state restore on this thread failed (\"\" if it did not fail\n"
         "because of the a2sf part of the state).");

@@ -49,10 +49,14 @@ enum llama_kv_decode_scoring {
                                        // batched product scores them when the scores are needed
                                        // (eviction, reads, state, memory ops)
     LLAMA_KV_DECODE_SCORING_AUTO  = 2, // lazy, but a decode step of a cache in host memory is scored
-                                       // in its own graph: the CPU's unfused attention for one query
-                                       // is faster than its flash-attention kernel, so no product is
-                                       // left to defer
+                                       // in its own graph, with the unfused attention where ggml's
+                                       // CPU backend runs AVX-512 kernels (faster there than its
+                                       // flash-attention kernel for one query), else as eager
 };
+
+// decode_scoring "auto" scores a decode step of a host cache with llama.cpp's unfused
+// attention on this CPU (true) or with the flash-attention kernel plus a K*q product (false)
+LLAMA_API bool llama_kv_policy_auto_decode_unfused(void);
 
 struct llama_kv_policy_params {
     int32_t  kind;              // enum llama_kv_policy_kind

@@ -162,9 +162,10 @@ void llama_kv_score_access::before_ubatch(llama_context & lctx, const llama_ubat
     }
     const bool decode  = ubatch.n_tokens == sinfo.n_stream();
     const bool prefill = !decode && lz.window && sinfo.n_stream() == 1 && ubatch.n_seqs_unq == 1;
-    // auto: a host cache scores its decode steps in their own graph, with the unfused
-    // attention (attn_unfused); its prefill ubatches still go to a window ring
-    const bool decode_lazy = decode && !unfused_host_decode(cfg, *kv);
+    // auto: a host cache scores its decode steps in their own graph (with the unfused
+    // attention where the CPU runs it faster: attn_unfused); its prefill ubatches still go
+    // to a window ring
+    const bool decode_lazy = decode && !eager_host_decode(cfg, *kv);
     lazy = lazy && one_seq_each && (decode_lazy || prefill);
 
     if (lz.pos.size() != kv->v_cells.size()) {

@@ -86,6 +86,10 @@ int32_t llama_kv_policy_get(const struct llama_context * ctx, struct llama_kv_po
     return 0;
 }
 
+bool llama_kv_policy_auto_decode_unfused(void) {
+    return llama_kv_score_access::cpu_unfused_decode_faster();
+}
+
 int32_t llama_kv_policy_n_layers(const struct llama_context * ctx) {
     if (ctx == nullptr) {
         return LLAMA_KV_POLICY_ERR_ARG;

@@ -25,6 +25,8 @@
 #include "ggml-backend.h"
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <utility>
 #include <vector>
 
@@ -292,16 +294,54 @@ bool llama_kv_score_access::attn_unfused(const llm_graph_context & g, int il) {
     // to transpose it (a flash-attention cache stores V untransposed), a pass that a few
     // recomputed probability rows may not repay. On the CPU the unfused path is faster
     // even for one query (SmolLM2, 2 threads: a scored decode step at 1.16x / 1.31x
-    // vanilla flash attention's speed at 1024 / 4096 cells), so decode_scoring "auto"
-    // takes it at every size there ("eager" keeps the fused kernel plus the product).
+    // vanilla flash attention's speed at 1024 / 4096 cells) where ggml runs AVX-512
+    // kernels, so decode_scoring "auto" takes it at every size there; elsewhere, and with
+    // "eager", a decode step keeps the fused kernel plus the product (cpu_unfused_decode_faster).
     const int64_t n_stream = mctx->sinfos[mctx->i_cur].n_stream();
     const int64_t n_tps    = g.ubatch.n_tokens/n_stream;
     const int64_t min_rows = unfused_host_decode(cfg, kv) ? 1 : 16;
     return v_transposable(kv) && n_tps >= min_rows && score_rows(cfg, g.ubatch, n_tps, n_stream) == n_tps;
 }
 
-bool llama_kv_score_access::unfused_host_decode(const llama_kv_policy_cfg & cfg, const llama_kv_cache & kv) {
+bool llama_kv_score_access::eager_host_decode(const llama_kv_policy_cfg & cfg, const llama_kv_cache & kv) {
     return cfg.eager_host_decode() && scores_on_host(kv) && v_transposable(kv);
+}
+
+bool llama_kv_score_access::unfused_host_decode(const llama_kv_policy_cfg & cfg, const llama_kv_cache & kv) {
+    return eager_host_decode(cfg, kv) && cpu_unfused_decode_faster();
+}
+
+// Which of llama.cpp's CPU attentions is faster for one query depends on the kernels
+// ggml's CPU backend was built with (measured, SmolLM2 Q4_1, 2 threads, flash attention
+// on, decode / vanilla): with AVX-512 the unfused step is faster than the fused kernel
+// (a2sf 1.12 / 1.02 at 1024 / 4096 cells on an AMX Xeon, 1.14-1.33 on earlier Xeons;
+// the fused kernel plus the score product 1.00 / 0.86); with AVX2 alone it is slower
+// (0.56 at 1024 cells on an AMD EPYC, where the fused kernel plus the product read 0.97).
+// The choice is made once per process from the backend's features, not timed, so a
+// machine always decodes the same tokens; A2SF_AUTO_DECODE_UNFUSED=1 or 0 overrides it
+// (to measure both on a new CPU, and for the tests of either path).
+bool llama_kv_score_access::cpu_unfused_decode_faster() {
+    static const bool faster = [] {
+        const char * env = getenv("A2SF_AUTO_DECODE_UNFUSED");
+        if (env != nullptr && (strcmp(env, "0") == 0 || strcmp(env, "1") == 0)) {
+            return env[0] == '1';
+        }
+        ggml_backend_reg_t reg = ggml_backend_reg_by_name("CPU");
+        if (reg == nullptr) {
+            return false;
+        }
+        auto get_features = (ggml_backend_get_features_t) ggml_backend_reg_get_proc_address(reg, "ggml_backend_get_features");
+        if (get_features == nullptr) {
+            return false;
+        }
+        for (const ggml_backend_feature * f = get_features(reg); f != nullptr && f->name != nullptr; ++f) {
+            if (strcmp(f->name, "AVX512") == 0) {
+                return true;
+            }
+        }
+        return false;
+    }();
+    return faster;
 }
 
 bool llama_kv_score_access::v_transposable(const llama_kv_cache & kv) {

@@ -154,9 +154,13 @@ struct llama_kv_score_access {
     // llama.cpp's unfused attention copies V transposed, which a quantized V (flash attention
     // only) cannot be: its output is garbage (NaN), so such caches keep the fused kernel
     static bool v_transposable(const llama_kv_cache & kv);
-    // decode_scoring "auto" on a host cache: decode steps are not deferred and take the
-    // unfused attention (the one rule before_ubatch and attn_unfused both follow)
+    // decode_scoring "auto" on a host cache: decode steps are not deferred (before_ubatch)
+    static bool eager_host_decode(const llama_kv_policy_cfg & cfg, const llama_kv_cache & kv);
+    // ... and take the unfused attention where this CPU runs it faster (attn_unfused)
     static bool unfused_host_decode(const llama_kv_policy_cfg & cfg, const llama_kv_cache & kv);
+    // ggml's CPU backend runs AVX-512 kernels, where its unfused attention for one query
+    // beats its flash-attention kernel (measured; decided once per process)
+    static bool cpu_unfused_decode_faster();
 
     // llm_graph_context::build_attn (KV cache variant), after attention:
     // S <- alpha^n * S + sum_q alpha^(n-1-q) * sum_heads P[q, head, cell]
