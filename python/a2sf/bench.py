@@ -75,13 +75,26 @@ def _raw(raw: Optional[list], section: str, **fields) -> None:
 
 
 # -- overhead ------------------------------------------------------------------
+def _gpu_name() -> str:
+    """The GPU's name for a table's caption (nvidia-smi's; "GPU" where it cannot be read)."""
+    import subprocess
+
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                           text=True, timeout=30)
+        return r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else "GPU"
+    except (OSError, subprocess.SubprocessError):
+        return "GPU"
+
+
 def measure(model: str, n_ctx: int, policy, n_decode: int, flash_attn: bool, n_threads: int,
-            clock=time.perf_counter) -> tuple:
+            clock=time.perf_counter, n_gpu_layers: int = 0, text: str = "austen") -> tuple:
     """(prefill tokens/s, decode tokens/s) at depth n_ctx - n_decode - 8, no eviction."""
-    llm = open_llama(model, n_ctx, policy, flash_attn, n_threads, n_batch=min(256, n_ctx // 4))
+    llm = open_llama(model, n_ctx, policy, flash_attn, n_threads, n_batch=min(256, n_ctx // 4),
+                     n_gpu_layers=n_gpu_layers)
     try:
         depth = n_ctx - n_decode - 8
-        toks = text_tokens(llm, depth)
+        toks = text_tokens(llm, depth, text)
         t0 = clock()
         llm.eval(toks)
         if policy is not None:
@@ -103,7 +116,8 @@ def measure(model: str, n_ctx: int, policy, n_decode: int, flash_attn: bool, n_t
 
 
 def section_overhead(model: str, sizes, fa_modes, reps: int, n_decode: int, n_threads: int,
-                     cpu_clock: bool = False, policies=tuple(POLICIES), raw: Optional[list] = None) -> List[str]:
+                     cpu_clock: bool = False, policies=tuple(POLICIES), raw: Optional[list] = None,
+                     n_gpu_layers: int = 0, text: str = "austen") -> List[str]:
     # With one thread ggml computes on the calling thread, so its CPU time is the
     # work done, much less disturbed by other processes than wall time.
     clock = time.thread_time if cpu_clock else time.perf_counter
@@ -112,7 +126,7 @@ def section_overhead(model: str, sizes, fa_modes, reps: int, n_decode: int, n_th
         for rep in range(reps):
             for fa in fa_modes:
                 for pol in policies:
-                    pre, dec = measure(model, size, pol, n_decode, fa, n_threads, clock)
+                    pre, dec = measure(model, size, pol, n_decode, fa, n_threads, clock, n_gpu_layers, text)
                     res.setdefault((size, fa, pol), []).append((pre, dec))
                     _raw(raw, "overhead", cells=size, flash_attn=fa, policy=pol, rep=rep, prefill_tps=pre,
                          decode_tps=dec, decode_tokens=n_decode, clock="cpu" if cpu_clock else "wall")
@@ -121,7 +135,8 @@ def section_overhead(model: str, sizes, fa_modes, reps: int, n_decode: int, n_th
     out = [
         "### Score-tracking overhead",
         "",
-        f"_model {Path(model).name}, threads={n_threads}, {'CPU time of the computing thread' if cpu_clock else 'wall time'}, "
+        f"_model {Path(model).name}, threads={n_threads}, "
+        f"{f'n_gpu_layers={n_gpu_layers} ({_gpu_name()}), ' if n_gpu_layers else ''}{'CPU time of the computing thread' if cpu_clock else 'wall time'}, "
         f"medians of {reps} interleaved runs; prefill of "
         f"size-{n_decode + 8} tokens, then decode of {n_decode} tokens without eviction, each ending with a "
         f"kv_scores() read (so lazy scoring's batched products are inside the timings)_",
@@ -385,6 +400,10 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m a2sf.bench") -
     ap.add_argument("--kvpress-context", type=int, default=1024, help="kvpress: context tokens")
     ap.add_argument("--kvpress-budget", type=int, default=256, help="kvpress: cells kept")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--n-gpu-layers", type=int, default=0,
+                    help="overhead: layers offloaded to the GPU of a GPU build (-1: all)")
+    ap.add_argument("--text", default="austen",
+                    help="overhead: what the prompts are made of: austen, essays, a .txt file or a directory of them")
     ap.add_argument("--json", type=Path, default=None, metavar="PATH",
                     help="also write every single measurement (each rep, each run) as JSON")
     ap.add_argument("--cpu-clock", action="store_true",
@@ -405,7 +424,8 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m a2sf.bench") -
     raw: list = []
     if "overhead" in a.sections:
         blocks.append(section_overhead(model, a.sizes, fa_modes, a.reps, a.decode, a.threads, a.cpu_clock,
-                                       [None] + list(a.policies), raw=raw))
+                                       [None] + list(a.policies), raw=raw, n_gpu_layers=a.n_gpu_layers,
+                                       text=a.text))
     if "compress" in a.sections:
         blocks.append(section_compress(model, a.compress_prompt, a.compress_budget, a.compress_decode, a.compress_policies,
                                        fa_modes[0], a.threads, a.reps, raw=raw))

@@ -12,8 +12,10 @@ import numpy as np
 __all__ = ["open_llama", "greedy", "text_tokens"]
 
 
-def open_llama(model: str, n_ctx: int, policy, flash_attn: bool, n_threads: int, n_batch: int):
-    """An a2sf Llama with n_batch == n_ubatch and the same threads for prefill and decode.
+def open_llama(model: str, n_ctx: int, policy, flash_attn: bool, n_threads: int, n_batch: int,
+               n_gpu_layers: int = 0):
+    """An a2sf Llama with n_batch == n_ubatch and the same threads for prefill and decode
+    (``n_gpu_layers``: layers offloaded to a GPU build's device, -1 all).
 
     ``policy`` is a policy name, optionally with ``+<setting>=<value>`` overrides
     (``"a2sf+decode_scoring=eager"``), or None for vanilla llama.cpp."""
@@ -28,7 +30,7 @@ def open_llama(model: str, n_ctx: int, policy, flash_attn: bool, n_threads: int,
             kind = SETTINGS_BY_NAME[name].type  # the table row's type: "n_recent=64" is an int
             kw[name] = text.lower() == "true" if kind is bool else kind(text)
     return Llama(model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, kv_policy=policy, flash_attn=flash_attn,
-                 n_threads=n_threads, n_threads_batch=n_threads, verbose=False, **kw)
+                 n_threads=n_threads, n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers, verbose=False, **kw)
 
 
 def greedy(llm) -> int:
