@@ -27,6 +27,9 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 #include <utility>
 #include <vector>
 
@@ -295,7 +298,7 @@ bool llama_kv_score_access::attn_unfused(const llm_graph_context & g, int il) {
     // recomputed probability rows may not repay. On the CPU the unfused path is faster
     // even for one query (SmolLM2, 2 threads: a scored decode step at 1.16x / 1.31x
     // vanilla flash attention's speed at 1024 / 4096 cells) where ggml runs AVX-512
-    // kernels, so decode_scoring "auto" takes it at every size there; elsewhere, and with
+    // kernels on an Intel CPU, so decode_scoring "auto" takes it at every size there; elsewhere, and with
     // "eager", a decode step keeps the fused kernel plus the product (cpu_unfused_decode_faster).
     const int64_t n_stream = mctx->sinfos[mctx->i_cur].n_stream();
     const int64_t n_tps    = g.ubatch.n_tokens/n_stream;
@@ -311,15 +314,37 @@ bool llama_kv_score_access::unfused_host_decode(const llama_kv_policy_cfg & cfg,
     return eager_host_decode(cfg, kv) && cpu_unfused_decode_faster();
 }
 
-// Which of llama.cpp's CPU attentions is faster for one query depends on the kernels
-// ggml's CPU backend was built with (measured, SmolLM2 Q4_1, 2 threads, flash attention
-// on, decode / vanilla): with AVX-512 the unfused step is faster than the fused kernel
-// (a2sf 1.12 / 1.02 at 1024 / 4096 cells on an AMX Xeon, 1.14-1.33 on earlier Xeons;
-// the fused kernel plus the score product 1.00 / 0.86); with AVX2 alone it is slower
-// (0.56 at 1024 cells on an AMD EPYC, where the fused kernel plus the product read 0.97).
-// The choice is made once per process from the backend's features, not timed, so a
-// machine always decodes the same tokens; A2SF_AUTO_DECODE_UNFUSED=1 or 0 overrides it
-// (to measure both on a new CPU, and for the tests of either path).
+// Which of llama.cpp's CPU attentions is faster for one query depends on the CPU
+// (measured, SmolLM2 Q4_1, 2 threads, flash attention on, decode / vanilla): on an Intel
+// Xeon with AVX-512 (AMX) the unfused step is faster than the fused kernel (a2sf 1.12 /
+// 1.02 at 1024 / 4096 cells, 1.14-1.33 on earlier Xeons; the fused kernel plus the score
+// product 1.00 / 0.86); on AMD EPYCs it is much slower, with AVX2 alone (0.56 at 1024
+// cells, where the fused kernel plus the product read 0.97) and with AVX-512 alike (Zen 4:
+// 0.55 / 0.38 at 1024 / 4096, the fused kernel plus the product 0.77 / 0.73): there the
+// strided copy of V transposed that the unfused path makes each step (perf: 18% of the
+// run in memmove) outweighs the fused kernel's slower single-query product. So the unfused
+// step is taken where ggml runs AVX-512 kernels on an Intel CPU. The choice is made once
+// per process, not timed, so a machine always decodes the same tokens;
+// A2SF_AUTO_DECODE_UNFUSED=1 or 0 overrides it (to measure both on a new CPU, and for the
+// tests of either path).
+// "GenuineIntel" in CPUID leaf 0 (x86 only; false elsewhere)
+static bool cpu_vendor_is_intel() {
+#if defined(__x86_64__) || defined(__i386__)
+    unsigned int eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (__get_cpuid(0, &eax, &ebx, &ecx, &edx) == 0) {
+        return false;
+    }
+    char vendor[13];
+    memcpy(vendor + 0, &ebx, 4);
+    memcpy(vendor + 4, &edx, 4);
+    memcpy(vendor + 8, &ecx, 4);
+    vendor[12] = '\0';
+    return strcmp(vendor, "GenuineIntel") == 0;
+#else
+    return false;
+#endif
+}
+
 bool llama_kv_score_access::cpu_unfused_decode_faster() {
     static const bool faster = [] {
         const char * env = getenv("A2SF_AUTO_DECODE_UNFUSED");
@@ -334,12 +359,11 @@ bool llama_kv_score_access::cpu_unfused_decode_faster() {
         if (get_features == nullptr) {
             return false;
         }
+        bool avx512 = false;
         for (const ggml_backend_feature * f = get_features(reg); f != nullptr && f->name != nullptr; ++f) {
-            if (strcmp(f->name, "AVX512") == 0) {
-                return true;
-            }
+            avx512 = avx512 || strcmp(f->name, "AVX512") == 0;
         }
-        return false;
+        return avx512 && cpu_vendor_is_intel();
     }();
     return faster;
 }

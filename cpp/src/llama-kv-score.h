@@ -158,8 +158,8 @@ struct llama_kv_score_access {
     static bool eager_host_decode(const llama_kv_policy_cfg & cfg, const llama_kv_cache & kv);
     // ... and take the unfused attention where this CPU runs it faster (attn_unfused)
     static bool unfused_host_decode(const llama_kv_policy_cfg & cfg, const llama_kv_cache & kv);
-    // ggml's CPU backend runs AVX-512 kernels, where its unfused attention for one query
-    // beats its flash-attention kernel (measured; decided once per process)
+    // ggml's CPU backend runs AVX-512 kernels on an Intel CPU, where its unfused attention
+    // for one query beats its flash-attention kernel (measured; decided once per process)
     static bool cpu_unfused_decode_faster();
 
     // llm_graph_context::build_attn (KV cache variant), after attention:

@@ -45,7 +45,7 @@ from typing import List, Optional
 from .bench_common import greedy, open_llama, text_tokens
 
 #: a2sf+decode_scoring=lazy: decode steps deferred to one batched product (the default on a device), beside the
-#: default on the CPU (auto: each step scored in its own graph, with the unfused attention where ggml runs AVX-512)
+#: default on the CPU (auto: each step scored in its own graph, with the unfused attention where ggml runs AVX-512 on an Intel CPU)
 POLICIES = [None, "streaming", "h2o", "a2sf", "a2sf+decode_scoring=lazy", "vatp", "tova", "mean"]
 LONG_POLICIES = ["streaming", "a2sf"]
 

@@ -181,7 +181,7 @@ SETTINGS: Tuple[Setting, ...] = (
             "score them in one batched product when the scores are needed), eager (each ubatch in its "
             "own graph: the unfused attention where every query row counts, else one extra K.q and "
             "softmax) or auto (lazy, but decode steps of a cache in host memory eager, with the "
-            "unfused attention where ggml's CPU backend runs AVX-512 kernels, faster there than its "
+            "unfused attention where ggml's CPU backend runs AVX-512 kernels on an Intel CPU, faster there than its "
             "flash-attention kernel for one query)",
             field="decode_scoring", native="decode_scoring", choices=("eager", "lazy", "auto")),
     Setting("positions", str, None, "position compaction for endless streams: cache (renumber the kept "
