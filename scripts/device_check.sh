@@ -9,7 +9,8 @@
 #
 # Steps (arguments; default: all three):
 #   build  a2sf with -DGGML_CUDA=on from .device/llama.cpp.tar.xz into /tmp/a2sf-site
-#          (CUDA_ARCH, default 90: H100/H200)
+#          (CUDA_ARCH, default 90: H100/H200; GGML_CUDA=off runs the same steps on a
+#          CPU-only machine, to check the kit itself)
 #   check  scripts/gpu_check.py: GPU vs CPU kept sets, scores and logits of every
 #          policy x granularity x mode, and where each op runs   -> $OUT/gpu_check.md
 #   bench  python -m a2sf.bench overhead with all layers offloaded, on a random
@@ -55,14 +56,18 @@ for step in "${steps[@]}"; do
         log "GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1)"
         log "nvcc: $(nvcc --version 2>&1 | tail -1); cuBLAS: ${cublas:-not found}"
         rm -rf "$SRC" && mkdir -p "$SRC" && tar -xJf .device/llama.cpp.tar.xz -C "$SRC" || exit 2
-        args="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCH:-90} -DA2SF_LLAMA_CPP_DIR=$SRC/llama.cpp"
-        if [ -n "$cublas" ] && [[ "$cublas" != "$cuda_home"/* ]]; then
+        args="-DA2SF_LLAMA_CPP_DIR=$SRC/llama.cpp -DGGML_CUDA=${GGML_CUDA:-on}"
+        [ "${GGML_CUDA:-on}" = off ] || args+=" -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCH:-90}"
+        if [ "${GGML_CUDA:-on}" = off ]; then
+            :
+        elif [ -n "$cublas" ] && [[ "$cublas" != "$cuda_home"/* ]]; then
             inc="$(dirname "$(dirname "$cublas")")/include"
             args+=" -DCUDA_cublas_LIBRARY=$cublas -DCUDA_cublasLt_LIBRARY=$cublas_lt"
             args+=" -DCMAKE_CUDA_FLAGS=-I$inc -DCMAKE_CXX_FLAGS=-I$inc"
         fi
         # no driver stub to link against: without VMM ggml-cuda needs none
-        ls "$cuda_home"/lib64/stubs/libcuda.so >/dev/null 2>&1 || args+=" -DGGML_CUDA_NO_VMM=ON"
+        [ "${GGML_CUDA:-on}" = off ] || ls "$cuda_home"/lib64/stubs/libcuda.so >/dev/null 2>&1 ||
+            args+=" -DGGML_CUDA_NO_VMM=ON"
         log "building: CMAKE_ARGS=$args"
         t0=$SECONDS
         if ! CMAKE_ARGS="$args" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$PY" -m pip install -q --no-build-isolation \
