@@ -57,17 +57,16 @@ for step in "${steps[@]}"; do
         log "nvcc: $(nvcc --version 2>&1 | tail -1); cuBLAS: ${cublas:-not found}"
         rm -rf "$SRC" && mkdir -p "$SRC" && tar -xJf .device/llama.cpp.tar.xz -C "$SRC" || exit 2
         args="-DA2SF_LLAMA_CPP_DIR=$SRC/llama.cpp -DGGML_CUDA=${GGML_CUDA:-on}"
-        [ "${GGML_CUDA:-on}" = off ] || args+=" -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCH:-90}"
-        if [ "${GGML_CUDA:-on}" = off ]; then
-            :
-        elif [ -n "$cublas" ] && [[ "$cublas" != "$cuda_home"/* ]]; then
-            inc="$(dirname "$(dirname "$cublas")")/include"
-            args+=" -DCUDA_cublas_LIBRARY=$cublas -DCUDA_cublasLt_LIBRARY=$cublas_lt"
-            args+=" -DCMAKE_CUDA_FLAGS=-I$inc -DCMAKE_CXX_FLAGS=-I$inc"
+        if [ "${GGML_CUDA:-on}" != off ]; then
+            args+=" -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCH:-90}"
+            if [ -n "$cublas" ] && [[ "$cublas" != "$cuda_home"/* ]]; then
+                inc="$(dirname "$(dirname "$cublas")")/include"
+                args+=" -DCUDA_cublas_LIBRARY=$cublas -DCUDA_cublasLt_LIBRARY=$cublas_lt"
+                args+=" -DCMAKE_CUDA_FLAGS=-I$inc -DCMAKE_CXX_FLAGS=-I$inc"
+            fi
+            # no driver stub to link against: without VMM ggml-cuda needs none
+            ls "$cuda_home"/lib64/stubs/libcuda.so >/dev/null 2>&1 || args+=" -DGGML_CUDA_NO_VMM=ON"
         fi
-        # no driver stub to link against: without VMM ggml-cuda needs none
-        [ "${GGML_CUDA:-on}" = off ] || ls "$cuda_home"/lib64/stubs/libcuda.so >/dev/null 2>&1 ||
-            args+=" -DGGML_CUDA_NO_VMM=ON"
         log "building: CMAKE_ARGS=$args"
         t0=$SECONDS
         if ! CMAKE_ARGS="$args" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$PY" -m pip install -q --no-build-isolation \

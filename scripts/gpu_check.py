@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -138,9 +139,8 @@ def token_ids(n: int, n_vocab: int, seed: int = 0) -> List[int]:
 
 
 def run_side(model: str, cfg: Config, n_gpu_layers: int, n_threads: int) -> Side:
-    import llama_cpp
-
     from a2sf import Llama
+    from a2sf.bench_common import last_logits
 
     kw = {"granularity": cfg.granularity} if cfg.granularity else {}
     n_ctx = N_CTX if cfg.mode == "continuous" else 1024
@@ -153,7 +153,7 @@ def run_side(model: str, cfg: Config, n_gpu_layers: int, n_threads: int) -> Side
         llm.eval(toks[:N_PROMPT])  # continuous: evicts as it streams; compress: then kept to BUDGET cells
         for t in toks[N_PROMPT:]:  # fixed ids, not sampled: both sides see the same tokens whatever they predict
             llm.eval([t])
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
+        logits = last_logits(llm).copy()
         pos, sc = llm.kv_head_scores()
         pos, sc = np.asarray(pos), np.asarray(sc)
         order = np.argsort(pos, axis=-1, kind="stable")
@@ -178,8 +178,9 @@ def compare(cpu: Side, gpu: Side) -> dict:
     argmax_same = int(np.argmax(cpu.logits)) == int(np.argmax(gpu.logits))
     ok = (kept_share >= KEPT_SHARE_TOL and score_diff <= SCORE_TOL and logit_diff <= LOGIT_TOL and argmax_same
           and np.isfinite(gpu.logits).all())
-    return {"evictions": f"{cpu.evictions}/{gpu.evictions}", "heads_same": f"{same_heads}/{n_heads}", "kept_share": kept_share, "score_diff": score_diff,
-            "logit_diff": logit_diff, "argmax_same": argmax_same, "ok": ok}
+    return {"evictions": f"{cpu.evictions}/{gpu.evictions}", "heads_same": f"{same_heads}/{n_heads}",
+            "kept_share": kept_share, "score_diff": score_diff, "logit_diff": logit_diff,
+            "argmax_same": argmax_same, "ok": ok}
 
 
 # -- where each op runs --------------------------------------------------------------
@@ -240,7 +241,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     tmp = tempfile.TemporaryDirectory()
     model = a.model or str(write_tiny(Path(tmp.name) / "tiny.gguf"))
     on_gpu = gpu_offload()
-    cmd = "python scripts/gpu_check.py" + (" --quick" if a.quick else "")
+    cmd = " ".join(["python scripts/gpu_check.py"] + [shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:])])
     lines = [
         "### GPU vs CPU: kept sets, scores, logits",
         "",
@@ -252,8 +253,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"{LOGIT_TOL} and the same argmax_",
         f"_command: `{cmd}`_",
         "",
-        "| configuration | evictions cpu/gpu | heads with equal kept sets | kept entries in common | score diff / max | max logit diff "
-        "| same argmax | verdict |",
+        "| configuration | evictions cpu/gpu | heads with equal kept sets | kept entries in common | score diff / max "
+        "| max logit diff | same argmax | verdict |",
         "|---|---|---:|---:|---:|---:|---|---|",
     ]
     failed = 0

@@ -19,6 +19,7 @@ import pytest
 import llama_cpp
 from a2sf import Llama
 from a2sf.policies import make_policy
+from a2sf.sysinfo import cpu_vendor
 from a2sf.testing.reference import ReferenceLlama, accumulate_scores
 from conftest import BOUNDED_SCORING_TOL
 from test_multi_sequence import SEQ0, SEQ1, Ctx, _scores
@@ -256,22 +257,11 @@ def test_auto_scores_each_decode_step_of_a_cpu_cache_in_its_own_graph(core, tiny
     llm.close()
 
 
-def _cpu_vendor():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
 def test_auto_takes_the_unfused_decode_attention_exactly_where_ggml_runs_avx512_on_an_intel_cpu(core):
     # measured: faster than the fused kernel on an Intel Xeon with AVX-512, 0.4-0.6 of it on
     # AMD EPYCs with AVX2 and with AVX-512 (cpp/src/llama-kv-score.cpp)
     info = llama_cpp.llama_print_system_info().decode()
-    on_intel_avx512 = "AVX512 = 1" in info and _cpu_vendor() == "GenuineIntel"
+    on_intel_avx512 = "AVX512 = 1" in info and cpu_vendor() == "GenuineIntel"
     want = {"0": False, "1": True}.get(os.environ.get("A2SF_AUTO_DECODE_UNFUSED"), on_intel_avx512)
     assert core.auto_decode_unfused() == want
 

@@ -314,19 +314,6 @@ bool llama_kv_score_access::unfused_host_decode(const llama_kv_policy_cfg & cfg,
     return eager_host_decode(cfg, kv) && cpu_unfused_decode_faster();
 }
 
-// Which of llama.cpp's CPU attentions is faster for one query depends on the CPU
-// (measured, SmolLM2 Q4_1, 2 threads, flash attention on, decode / vanilla): on an Intel
-// Xeon with AVX-512 (AMX) the unfused step is faster than the fused kernel (a2sf 1.12 /
-// 1.02 at 1024 / 4096 cells, 1.14-1.33 on earlier Xeons; the fused kernel plus the score
-// product 1.00 / 0.86); on AMD EPYCs it is much slower, with AVX2 alone (0.56 at 1024
-// cells, where the fused kernel plus the product read 0.97) and with AVX-512 alike (Zen 4:
-// 0.55 / 0.38 at 1024 / 4096, the fused kernel plus the product 0.77 / 0.73): there the
-// strided copy of V transposed that the unfused path makes each step (perf: 18% of the
-// run in memmove) outweighs the fused kernel's slower single-query product. So the unfused
-// step is taken where ggml runs AVX-512 kernels on an Intel CPU. The choice is made once
-// per process, not timed, so a machine always decodes the same tokens;
-// A2SF_AUTO_DECODE_UNFUSED=1 or 0 overrides it (to measure both on a new CPU, and for the
-// tests of either path).
 // "GenuineIntel" in CPUID leaf 0 (x86 only; false elsewhere)
 static bool cpu_vendor_is_intel() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -345,6 +332,19 @@ static bool cpu_vendor_is_intel() {
 #endif
 }
 
+// Which of llama.cpp's CPU attentions is faster for one query depends on the CPU
+// (measured, SmolLM2 Q4_1, 2 threads, flash attention on, decode / vanilla): on an Intel
+// Xeon with AVX-512 (AMX) the unfused step is faster than the fused kernel (a2sf 1.12 /
+// 1.02 at 1024 / 4096 cells, 1.14-1.33 on earlier Xeons; the fused kernel plus the score
+// product 1.00 / 0.86); on AMD EPYCs it is much slower, with AVX2 alone (0.56 at 1024
+// cells, where the fused kernel plus the product read 0.97) and with AVX-512 alike (Zen 4:
+// 0.55 / 0.38 at 1024 / 4096, the fused kernel plus the product 0.77 / 0.73): there the
+// strided copy of V transposed that the unfused path makes each step (perf: 18% of the
+// run in memmove) outweighs the fused kernel's slower single-query product. So the unfused
+// step is taken where ggml runs AVX-512 kernels on an Intel CPU. The choice is made once
+// per process, not timed, so a machine always decodes the same tokens;
+// A2SF_AUTO_DECODE_UNFUSED=1 or 0 overrides it (to measure both on a new CPU, and for the
+// tests of either path).
 bool llama_kv_score_access::cpu_unfused_decode_faster() {
     static const bool faster = [] {
         const char * env = getenv("A2SF_AUTO_DECODE_UNFUSED");

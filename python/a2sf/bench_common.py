@@ -9,7 +9,7 @@ from typing import List
 
 import numpy as np
 
-__all__ = ["open_llama", "greedy", "text_tokens"]
+__all__ = ["open_llama", "last_logits", "greedy", "text_tokens"]
 
 
 def open_llama(model: str, n_ctx: int, policy, flash_attn: bool, n_threads: int, n_batch: int,
@@ -33,12 +33,17 @@ def open_llama(model: str, n_ctx: int, policy, flash_attn: bool, n_threads: int,
                  n_threads=n_threads, n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers, verbose=False, **kw)
 
 
-def greedy(llm) -> int:
-    """Argmax of the last logits row."""
+def last_logits(llm) -> np.ndarray:
+    """llama.cpp's logits of the last evaluated token, F32 [n_vocab]: a view of its buffer,
+    valid until the next eval (copy it to keep it)."""
     import llama_cpp
 
-    logits = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
-    return int(np.argmax(np.ctypeslib.as_array(logits, shape=(llm.n_vocab(),))))
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
+
+
+def greedy(llm) -> int:
+    """Argmax of the last logits row."""
+    return int(np.argmax(last_logits(llm)))
 
 
 def text_tokens(llm, n: int, source: str = "austen") -> List[int]:

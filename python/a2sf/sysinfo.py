@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 __all__ = ["system_info", "system_info_dict", "ggml_cpu_features", "cpu_flags"]
 
@@ -39,29 +39,33 @@ def ggml_cpu_features() -> Dict[str, str]:
     return feats
 
 
-def cpu_flags() -> List[str]:
-    """The ISA flags the CPU reports (Linux /proc/cpuinfo; [] elsewhere)."""
+def _cpuinfo_field(*keys: str) -> Optional[str]:
+    """The value of the first /proc/cpuinfo line whose key is one of ``keys`` (None: none, or no such file)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    return sorted(x for x in value.split() if x.startswith(_CPU_FLAG_PREFIXES))
-    except OSError:
-        pass
-    return []
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("model name", "Model", "cpu model"):
+                if key.strip() in keys:
                     return value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_flags() -> List[str]:
+    """The ISA flags the CPU reports (Linux /proc/cpuinfo; [] elsewhere)."""
+    flags = _cpuinfo_field("flags", "Features")
+    return [] if flags is None else sorted(x for x in flags.split() if x.startswith(_CPU_FLAG_PREFIXES))
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor string ("GenuineIntel", "AuthenticAMD"; Linux /proc/cpuinfo; "" elsewhere)."""
+    return _cpuinfo_field("vendor_id") or ""
+
+
+def _cpu_model() -> str:
+    model = _cpuinfo_field("model name", "Model", "cpu model")
+    return model if model is not None else platform.processor() or platform.machine()
 
 
 def system_info_dict() -> Dict[str, Any]:
