@@ -49,3 +49,23 @@ def test_compare_flags_a_side_that_kept_other_tokens():
     differ = gpu_check.compare(cpu, gpu)
     assert same["ok"] and same["heads_same"] == "2/2"
     assert not differ["ok"] and differ["heads_same"] == "1/2" and differ["kept_share"] == 7 / 8
+
+
+def test_placement_counts_the_backend_of_every_scheduled_node(tmp_path, monkeypatch):
+    # The placement table is skipped on a CPU build, but its plumbing is not: llama.cpp's
+    # scheduler prints every node under GGML_SCHED_DEBUG=2 and the parser must read them,
+    # here all on the CPU, so the one device run does not find a broken parser.
+    # A GPU cache moves per-head rows through a scheduled graph; forced here, so that the
+    # moves show up as they will there.
+    monkeypatch.setenv("A2SF_MOVES_ON_GRAPH", "1")
+    model = str(gpu_check.write_tiny(tmp_path / "tiny.gguf"))
+    vanilla = gpu_check.placement(model, None, False)
+    recency = gpu_check.placement(model, "streaming", False)  # the same prompt as a2sf, evicts per token
+    per_head = gpu_check.placement(model, "a2sf", False)
+    for counts in (vanilla, recency, per_head):
+        assert counts and {backend for backend, _ in counts} == {"CPU"}
+        assert not any(gpu_check._is_gpu(backend) for backend, _ in counts)
+        assert counts[("CPU", "MUL_MAT")] > 0 and counts[("CPU", "SOFT_MAX")] > 0
+    # the per-head evictions' row gathers and scatters are counted beside the decode graphs
+    assert per_head[("CPU", "GET_ROWS")] > recency[("CPU", "GET_ROWS")]
+    assert per_head[("CPU", "SET_ROWS")] > recency[("CPU", "SET_ROWS")]
