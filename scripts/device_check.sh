@@ -9,6 +9,7 @@
 #
 # Steps (arguments; default: all three):
 #   build  a2sf with -DGGML_CUDA=on from .device/llama.cpp.tar.xz into /tmp/a2sf-site
+#          (build dir /tmp/a2sf-build, never the checkout's build/)
 #          (CUDA_ARCH, default 90: H100/H200; GGML_CUDA=off runs the same steps on a
 #          CPU-only machine, to check the kit itself)
 #   check  scripts/gpu_check.py: GPU vs CPU kept sets, scores and logits of every
@@ -26,6 +27,7 @@ mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 SITE=/tmp/a2sf-site
 SRC=/tmp/a2sf-llama.cpp
+BUILD_DIR=/tmp/a2sf-build
 log() { echo "[device_check $(date +%T)] $*" | tee -a "$OUT/log.txt" >&2; }
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(build check bench)
@@ -69,8 +71,11 @@ for step in "${steps[@]}"; do
         fi
         log "building: CMAKE_ARGS=$args"
         t0=$SECONDS
+        # its own build dir: pyproject's build/{wheel_tag} is the checkout's CPU build, whose
+        # CMake cache would keep GGML_CUDA=on for the next `bash scripts/setup.sh`
         if ! CMAKE_ARGS="$args" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$PY" -m pip install -q --no-build-isolation \
-                --no-deps --no-index --target "$SITE" --upgrade . >"$OUT/build.log" 2>&1; then
+                --no-deps --no-index --target "$SITE" --upgrade --config-settings=build-dir="$BUILD_DIR" \
+                . >"$OUT/build.log" 2>&1; then
             tail -40 "$OUT/build.log" >&2
             log "build failed after $((SECONDS - t0)) s"
             exit 3
