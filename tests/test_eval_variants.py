@@ -49,3 +49,36 @@ def test_stream_runs_through_the_compacting_cache(tiny_f32, tmp_path):
     assert [r["depth"] for r in recs] == [300, 600]
     assert recs[-1]["compactions"] > 0 and recs[-1]["max_position"] < 2 * 256
     assert all(r["ppl"] > 1 and r["ppl_fresh"] > 1 for r in recs)
+
+
+def test_variants_pairs_per_head_compression_with_kvpress_observed_attention_window_by_window():
+    from a2sf.eval.variants import variants_table
+
+    st = {"context": 96, "continuation": 16}
+    n = 16  # scored tokens: nll_sum = n * mean loss
+
+    def ours(policy, ratio, window, loss, alpha=None):
+        return {"dataset": "austen", "settings_hash": "h", "settings": st, "policy": policy, "ratio": ratio,
+                "cells": None, "alpha": alpha, "window": window, "metrics": {"nll_sum": n * loss, "n_scored": n}}
+
+    def press(method, ratio, window, loss):
+        return {"engine": "kvpress", "dataset": "austen", "settings": st, "method": method, "ratio": ratio,
+                "window": window, "metrics": {"nll_sum": n * loss, "n_scored": n}}
+
+    recs, kv = [], []
+    jitters = (0.0, 0.01, -0.01, 0.005)
+    for w, jitter in enumerate(jitters):
+        full, kv_full = 3.0 + w, 2.5 + w  # the engines' own full caches differ; only losses to them count
+        recs += [ours("none", None, w, full), ours("streaming", 0.2, w, full + 0.2),
+                 ours("a2sf/head+compress", 0.2, w, full + 0.10 + jitter, 0.95)]
+        kv += [press("none", None, w, kv_full), press("observed_attention", 0.2, w, kv_full + 0.05 + jitter / 2)]
+    text = variants_table(recs, "cmd", kv)
+    row = next(line for line in text.splitlines() if line.startswith("| austen | 0.2 | a2sf/head+compress |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[3:5] == ["0.95", "4"]
+    mean, se = (float(x) for x in cells[6].split("+-"))
+    # per window: (loss - full) - (kvpress loss - kvpress full) = 0.05 + jitter / 2
+    assert abs(mean - (0.05 + sum(jitters) / len(jitters) / 2)) < 1e-4 and 0 < se < 0.01
+    assert cells[7] == "loses to kvpress"
+    # and the kvpress row of the budget table is taken to kvpress's own full cache
+    assert "| kvpress:observed_attention |  | 4 |" in text
