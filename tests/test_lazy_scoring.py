@@ -282,3 +282,24 @@ def test_auto_scores_as_the_reference_on_the_other_kind_of_cpu_too(core):
 def test_decode_scoring_rejects_unknown_values(tiny_f32):
     with pytest.raises(ValueError, match="decode_scoring must be one of eager, lazy, auto, got 'later'"):
         _llm(tiny_f32, "later", kv_policy="a2sf")
+
+
+@pytest.mark.parametrize("flash_attn", [False, True])
+@pytest.mark.parametrize("decode_scoring", ["auto", "eager", "lazy"])
+@pytest.mark.parametrize("granularity", ["token", "head"])
+def test_decode_steps_reuse_llama_cpps_graph_with_a_policy(tiny_f32, flash_attn, decode_scoring, granularity):
+    # llama.cpp rebuilds no graph between decode steps of the same shape; scoring must not cost
+    # that either. Without an eviction only the first step after the prompt builds (plus one for
+    # the prompt's ring flush in the first step, with flash attention and alpha < 1).
+    n_steps = 30
+    llm = Llama(tiny_f32, n_ctx=256, n_batch=64, n_threads=1, n_threads_batch=1, flash_attn=flash_attn,
+                verbose=False, kv_policy="a2sf", decode_scoring=decode_scoring, granularity=granularity)
+    toks = _tokens(100 + n_steps)
+    llm.eval(toks[:100])
+    before = llama_cpp.llama_perf_context(llm._ctx.ctx).n_reused
+    for t in toks[100:]:
+        llm.eval([t])
+    reused = llama_cpp.llama_perf_context(llm._ctx.ctx).n_reused - before
+    assert llm.kv_stats()["evictions"] == 0
+    assert reused >= n_steps - 2, f"{reused} of {n_steps} decode graphs reused"
+    llm.close()
