@@ -46,17 +46,15 @@ def _paired_to_full(a: Dict[int, float], a_full: Dict[int, float], b: Dict[int, 
     return d["n"], math.exp(sum(rel["a"]["nll"].values()) / len(w)), d["mean_log_ratio"], d["se"]
 
 
-def _kvpress_rows(kv: dict, ratio: float, s: dict, base) -> List[tuple]:
+def _kvpress_rows(kv: dict, ratio: float, s: dict, base, ours_full: Dict[int, float]) -> List[tuple]:
     """kvpress presses on the same windows: (label, windows, ppl / kvpress's own full cache,
     paired difference to our streaming of each window's loss to its engine's full cache)."""
-    full = kv.get(("none", None), {})
-    ours_full = s.get(("none", None, None, None), {}).get("nll", {})
     ours_base = s.get(base, {}).get("nll", {})
     rows = []
     for (method, r), win in sorted(kv.items(), key=str):
         if method == "none" or r != ratio:
             continue
-        p = _paired_to_full(win, full, ours_base, ours_full)
+        p = _paired_to_full(win, kv.get(("none", None), {}), ours_base, ours_full)
         if p is not None:
             rows.append((f"kvpress:{method}", *p))
     return rows
@@ -73,15 +71,14 @@ KVPRESS_YARDSTICK = "observed_attention"
 AGAINST_KVPRESS = ("a2sf/head+compress", "mean/head+compress", "a2sf/head", "mean/head")
 
 
-def _against_kvpress_rows(ds: str, ratio: float, s: dict, kv: dict) -> List[str]:
+def _against_kvpress_rows(ds: str, ratio: float, s: dict, kv: dict, ours_full: Dict[int, float]) -> List[str]:
     press = kv.get((KVPRESS_YARDSTICK, ratio))
     if not press:
         return []
     rows = []
     for policy in AGAINST_KVPRESS:
         for k in sorted((k for k in s if k[0] == policy and k[1] == ratio), key=str):
-            p = _paired_to_full(s[k]["nll"], s.get(("none", None, None, None), {}).get("nll", {}),
-                                press, kv.get(("none", None), {}))
+            p = _paired_to_full(s[k]["nll"], ours_full, press, kv.get(("none", None), {}))
             if p is None:
                 continue
             n, rel, mean, se = p
@@ -108,8 +105,9 @@ def variants_table(records, command: str, kvpress_records=()) -> str:
         s = ppl_summary(recs)
         ratios = sorted({k[1] for k in s if k[1] is not None})
         kv = _kvpress_losses(kvpress_records, ds, st)
+        ours_full = s.get(("none", None, None, None), {}).get("nll", {})  # window -> our full cache's loss
         for ratio in ratios:
-            against += _against_kvpress_rows(ds, ratio, s, kv)
+            against += _against_kvpress_rows(ds, ratio, s, kv, ours_full)
             base = ("streaming", ratio, None, None)
             rows = sorted((k for k in s if k[1] == ratio), key=lambda k: s[k]["ratio_to_full"])
             n_win = max((s[k]["windows"] for k in rows), default=0)
@@ -126,7 +124,7 @@ def variants_table(records, command: str, kvpress_records=()) -> str:
                     vs, verdict, n = f"{d['mean_log_ratio']:+.4f} +- {d['se']:.4f}", _verdict(d["mean_log_ratio"], d["se"]), d["n"]
                 a = f"{k[3]:g}" if k[3] is not None else ""
                 out.append((s[k]["ratio_to_full"], f"| {k[0]} | {a} | {n} | {s[k]['ratio_to_full']:.3f} | {vs} | {verdict} |"))
-            for label, n, rel, mean, se in _kvpress_rows(kv, ratio, s, base):
+            for label, n, rel, mean, se in _kvpress_rows(kv, ratio, s, base, ours_full):
                 out.append((rel, f"| {label} |  | {n} | {rel:.3f} | {mean:+.4f} +- {se:.4f} | {_verdict(mean, se)} |"))
             lines += [row for _, row in sorted(out, key=lambda x: x[0])]
             lines.append("")
