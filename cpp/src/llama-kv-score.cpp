@@ -359,11 +359,12 @@ bool llama_kv_score_access::cpu_unfused_decode_faster() {
         if (get_features == nullptr) {
             return false;
         }
-        bool avx512 = false;
         for (const ggml_backend_feature * f = get_features(reg); f != nullptr && f->name != nullptr; ++f) {
-            avx512 = avx512 || strcmp(f->name, "AVX512") == 0;
+            if (strcmp(f->name, "AVX512") == 0) {
+                return cpu_vendor_is_intel();
+            }
         }
-        return avx512 && cpu_vendor_is_intel();
+        return false;
     }();
     return faster;
 }

@@ -13,7 +13,7 @@ import platform
 import sys
 from typing import Any, Dict, List, Optional
 
-__all__ = ["system_info", "system_info_dict", "ggml_cpu_features", "cpu_flags"]
+__all__ = ["system_info", "system_info_dict", "ggml_cpu_features", "cpu_flags", "cpu_vendor"]
 
 # /proc/cpuinfo flags worth reporting (the ISA extensions ggml has kernels for)
 _CPU_FLAG_PREFIXES = ("sse", "ssse3", "avx", "amx", "fma", "f16c", "bmi", "neon", "asimd", "sve", "sme")
