@@ -316,3 +316,23 @@ def test_logits_through_many_per_head_compactions_equal_the_reference(tmp_path, 
             for t, p in zip(c.tok[l][h].tolist(), c.unit_pos[l][h].tolist()):
                 assert tok_pos.setdefault(t, p) == p or n_ctx_train == 512
     llm.close()
+
+
+@pytest.mark.parametrize("then", ["a2sf/token", "streaming"])
+def test_a_per_head_map_stays_true_after_a_switch_to_a_policy_that_does_not_track_heads(tiny_f32, ref, then):
+    # per-head evictions move tokens between cells; a policy that ranks whole cells keeps
+    # those rows where they are, so what each head holds must still follow every write
+    llm, _ = _run(tiny_f32, ref, "a2sf", "head", flash_attn=False)
+    name, _, gran = then.partition("/")
+    llm.set_kv_policy(name, **({"granularity": gran} if gran else {}), **SETTINGS)
+    n0 = llm.n_tokens
+    llm.eval(_tokens(6, seed=9))
+    pos, _ = llm.kv_head_scores()
+    cells = llm.kv_scores()
+    new = [i for i, p in enumerate(cells.positions) if p >= n0]
+    assert len(new) == 6
+    assert (pos[:, :, new] == cells.positions[new][None, None, :]).all()  # every head holds the new tokens
+    for layer in pos:
+        for head in layer:
+            assert len(set(head.tolist())) == len(head)  # and no head holds a position twice
+    llm.close()

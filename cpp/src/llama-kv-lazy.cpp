@@ -121,6 +121,17 @@ void llama_kv_score_access::before_ubatch(llama_context & lctx, const llama_ubat
     auto & lz = kv->a2sf_units.lazy;
     lz.owner     = &lctx;
     lz.step_lazy = false;
+
+    // A unit map outlives the policy that built it (a switch to granularity token or to
+    // streaming keeps K/V rows that per-head moves left in other cells): record this
+    // ubatch's writes here when the policy's own graph inputs will not, so that the map
+    // stays the truth about every cell (kv_head_scores, compaction, state)
+    const llama_kv_cache_context * kctx = base_context(mctx);
+    if (kctx != nullptr && kv->a2sf_units.allocated() && !cfg.tracks_units()) {
+        const auto & sinfo = kctx->sinfos[kctx->i_cur];
+        record_writes(*kv, sinfo.s0, sinfo.idxs, ubatch);
+    }
+
     if (!cfg.scored()) {
         return;
     }
@@ -154,7 +165,6 @@ void llama_kv_score_access::before_ubatch(llama_context & lctx, const llama_ubat
 
     // a decode ubatch has one token per stream; a prefill ubatch goes to a window ring
     // when it holds one sequence in one stream
-    const llama_kv_cache_context * kctx = base_context(mctx);
     const auto & sinfo = kctx->sinfos[kctx->i_cur];
     bool one_seq_each = true;
     for (uint32_t i = 0; i < ubatch.n_tokens; ++i) {
