@@ -8,6 +8,7 @@
     python -m a2sf.eval report  # rewrite README's eval section from the results
     python -m a2sf.eval stream  # an endless stream at increasing depths (positions, compaction)
     python -m a2sf.eval variants # every policy x granularity x mode against StreamingLLM
+    python -m a2sf.eval retrieval # RULER-style retrieval under a bounded cache (aware/agnostic/continuous)
 
 Each protocol sweeps policies x budgets (and A2SF's alpha at one budget),
 appends one JSON record per (task, policy, budget, alpha, window) to
@@ -304,8 +305,14 @@ def _variants_main(argv, prog):
     return m(argv, prog=prog)
 
 
+def _retrieval_main(argv, prog):
+    from .retrieval import main as m
+
+    return m(argv, prog=prog)
+
+
 #: subcommands parsed by their own module
-DELEGATED = {"stream": _stream_main, "variants": _variants_main}
+DELEGATED = {"stream": _stream_main, "variants": _variants_main, "retrieval": _retrieval_main}
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m a2sf.eval") -> int:

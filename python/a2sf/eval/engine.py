@@ -139,12 +139,14 @@ class BudgetRunner:
     """
 
     def __init__(self, model_path: str, n_ctx: int = 2048, n_threads: int = 1,
-                 n_batch: int = 512, seed: int = 0, type_k: int = llama_cpp.GGML_TYPE_F16):
+                 n_batch: int = 512, seed: int = 0, type_k: int = llama_cpp.GGML_TYPE_F16,
+                 type_v: int = llama_cpp.GGML_TYPE_F16, flash_attn: bool = False):
         self.n_ctx = n_ctx
         n_batch = max(1, min(n_batch, n_ctx // 2))
         self.n_batch = n_batch
         self.llm = Llama(str(model_path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, type_k=type_k,
-                         n_threads=n_threads, n_threads_batch=n_threads, seed=seed, verbose=False)
+                         type_v=type_v, flash_attn=flash_attn, n_threads=n_threads, n_threads_batch=n_threads,
+                         seed=seed, verbose=False)
         self.n_vocab = self.llm.n_vocab()
         # plain llama.cpp until a config with a budget needs the engine, so that a
         # full-cache reference also runs on models the engine cannot score yet
