@@ -22,7 +22,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 OUT = ROOT / "cpp" / "server" / "a2sf-server-settings.inc"
 #: the SETTINGS rows llama-server takes (kv_budget and max_positions belong to a2sf.Llama's API)
 SERVER_SETTINGS = ("n_sink", "n_recent", "evict_chunk", "forgetting_factor", "value_aware",
-                   "kv_seed", "granularity", "mean_attention", "decode_scoring", "positions")
+                   "kv_seed", "granularity", "mean_attention", "pool_kernel", "decode_scoring", "positions")
 
 
 def flag_of(name: str) -> str:

@@ -31,16 +31,17 @@ def _tokens(n, seed):
     return [int(t) for t in np.random.default_rng(seed).integers(3, 290, n)]
 
 
-def _run(tiny_f32, ref, policy, granularity, flash_attn, seed=0):
+def _run(tiny_f32, ref, policy, granularity, flash_attn, seed=0, pool_kernel=1):
     """The same history through the engine and the reference: prefill, evict, more
     ubatches, evict, decode steps."""
     alpha, value_aware, mean = POLICIES[policy]
     llm = Llama(tiny_f32, n_ctx=128, n_batch=UB, n_ubatch=UB, n_threads=1, logits_all=True,
                 kv_policy=policy, granularity=granularity, flash_attn=flash_attn, verbose=False,
                 positions="absolute",  # the reference replays token positions; compaction is tested apart
+                pool_kernel=pool_kernel,
                 type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, **SETTINGS)  # F32 cache: exact moves
     r = UnitReference(ref, granularity, alpha, SETTINGS["n_sink"], SETTINGS["n_recent"],
-                      value_aware=value_aware, mean_attention=mean)
+                      value_aware=value_aware, mean_attention=mean, pool_kernel=pool_kernel)
     toks = _tokens(60, seed)
     steps = [("feed", toks[:40]), ("evict", 12), ("feed", toks[40:56]), ("evict", 9),
              ("feed1", toks[56:60])]
@@ -335,4 +336,61 @@ def test_a_per_head_map_stays_true_after_a_switch_to_a_policy_that_does_not_trac
     for layer in pos:
         for head in layer:
             assert len(set(head.tolist())) == len(head)  # and no head holds a position twice
+    llm.close()
+
+
+# -- span pooling (pool_kernel) --------------------------------------------------------
+
+
+def _held_by_unit(llm):
+    pos, _ = llm.kv_head_scores()
+    return [[sorted(pos[l, h].tolist()) for h in range(pos.shape[1])] for l in range(pos.shape[0])]
+
+
+@pytest.mark.parametrize("flash_attn", [False, True])
+@pytest.mark.parametrize("granularity", ["token", "layer", "head"])
+def test_span_pooling_keeps_the_reference_tokens_in_every_unit(tiny_f32, ref, granularity, flash_attn):
+    llm, r = _run(tiny_f32, ref, "a2sf", granularity, flash_attn=flash_attn, pool_kernel=4)
+    want = [[w.tolist() for w in unit] for unit in r.held()]
+    assert _held_by_unit(llm) == want
+    # and pooling decided something: unpooled ranking keeps other tokens
+    _, unpooled = _run(tiny_f32, ref, "a2sf", granularity, flash_attn=False, pool_kernel=1)
+    assert [[w.tolist() for w in unit] for unit in unpooled.held()] != want
+    llm.close()
+
+
+@pytest.mark.parametrize("policy", ["h2o", "mean"])
+def test_span_pooling_with_prompt_compression_keeps_the_reference_tokens_per_head(tiny_f32, ref, policy):
+    alpha, _, mean = POLICIES[policy]
+    llm = Llama(tiny_f32, n_ctx=256, n_batch=UB, n_ubatch=UB, n_threads=1, kv_policy=policy,
+                granularity="head", kv_budget=24, pool_kernel=6, verbose=False, type_k=GGML_TYPE_F32,
+                type_v=GGML_TYPE_F32, **SETTINGS)
+    r = UnitReference(ref, "head", alpha, SETTINGS["n_sink"], SETTINGS["n_recent"], mean_attention=mean,
+                      pool_kernel=6)
+    toks = _tokens(64, 5)
+    llm.eval(toks)
+    r.feed(toks, UB)
+    r.evict(64 - 24)
+    assert _held_by_unit(llm) == [[w.tolist() for w in unit] for unit in r.held()]
+    llm.close()
+
+
+def test_pool_before_carries_an_attended_tokens_rank_to_the_tokens_after_it():
+    from a2sf.testing.reference_units import pool_before
+
+    pos = np.array([10, 11, 12, 13, 14, 16, 17])  # 15 was evicted before
+    rank = np.array([0.0, 5.0, 0.1, 0.2, 0.0, 0.3, 0.0])
+    np.testing.assert_array_equal(pool_before(pos, rank, 3), [0.0, 5.0, 5.0, 5.0, 0.2, 0.3, 0.3])
+    np.testing.assert_array_equal(pool_before(pos, rank, 1), rank)
+
+
+@pytest.mark.parametrize("bad", [0, 257])
+def test_pool_kernel_out_of_range_is_a_value_error(tiny_f32, bad):
+    from a2sf import _core
+
+    with pytest.raises(ValueError, match="pool_kernel"):
+        Llama(tiny_f32, n_ctx=64, n_threads=1, kv_policy="a2sf", pool_kernel=bad, verbose=False)
+    llm = Llama(tiny_f32, n_ctx=64, n_threads=1, verbose=False)
+    with pytest.raises(ValueError, match="pool_kernel"):
+        _core.set_policy(llm._a2sf_ctx(), kind=_core.KIND_SCORE, pool_kernel=bad)
     llm.close()

@@ -85,6 +85,7 @@ py::dict params_to_dict(const llama_kv_policy_params & p) {
     d["granularity"]       = p.granularity;
     d["mean_attention"]    = p.mean_attention;
     d["decode_scoring"]    = p.decode_scoring;
+    d["pool_kernel"]       = p.pool_kernel;
     return d;
 }
 
@@ -136,7 +137,7 @@ PYBIND11_MODULE(_core, m) {
         "set_policy",
         [](const py::object & ctx_obj, int kind, double forgetting_factor, bool value_aware,
            int64_t n_sink, int64_t n_recent, int64_t evict_chunk, int64_t seed, int granularity,
-           bool mean_attention, int decode_scoring) {
+           bool mean_attention, int decode_scoring, int64_t pool_kernel) {
             llama_context * ctx = as_ctx(ctx_obj);
             if (kind < LLAMA_KV_POLICY_NONE || kind > LLAMA_KV_POLICY_RANDOM) {
                 throw py::value_error("unknown policy kind " + std::to_string(kind));
@@ -159,6 +160,10 @@ PYBIND11_MODULE(_core, m) {
             if (decode_scoring < LLAMA_KV_DECODE_SCORING_EAGER || decode_scoring > LLAMA_KV_DECODE_SCORING_AUTO) {
                 throw py::value_error("unknown decode_scoring " + std::to_string(decode_scoring));
             }
+            if (pool_kernel < 1 || pool_kernel > LLAMA_KV_POOL_KERNEL_MAX) {
+                throw py::value_error("pool_kernel must be in [1, " + std::to_string(LLAMA_KV_POOL_KERNEL_MAX) +
+                                      "], got " + std::to_string(pool_kernel));
+            }
             llama_kv_policy_params p = llama_kv_policy_default_params();
             p.kind              = kind;
             p.decode_scoring    = decode_scoring;
@@ -170,6 +175,7 @@ PYBIND11_MODULE(_core, m) {
             p.n_recent          = static_cast<int32_t>(n_recent);
             p.evict_chunk       = static_cast<int32_t>(evict_chunk);
             p.seed              = static_cast<uint32_t>(seed);
+            p.pool_kernel       = static_cast<int32_t>(pool_kernel);
             check(llama_kv_policy_set(ctx, &p), "llama_kv_policy_set");
         },
         py::arg("ctx"), py::arg("kind"), py::arg("forgetting_factor") = dp.forgetting_factor,
@@ -177,6 +183,7 @@ PYBIND11_MODULE(_core, m) {
         py::arg("n_recent") = dp.n_recent, py::arg("evict_chunk") = dp.evict_chunk,
         py::arg("seed") = dp.seed, py::arg("granularity") = dp.granularity,
         py::arg("mean_attention") = dp.mean_attention, py::arg("decode_scoring") = dp.decode_scoring,
+        py::arg("pool_kernel") = dp.pool_kernel,
         "Set (or replace) the eviction policy of a context (ValueError for layer/head granularity\n"
         "on an ALiBi model).");
 

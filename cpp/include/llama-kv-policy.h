@@ -70,7 +70,13 @@ struct llama_kv_policy_params {
     int32_t  granularity;       // enum llama_kv_granularity (score-ranked policies)
     bool     mean_attention;    // rank by accumulated attention / queries that saw the token (kvpress ObservedAttention)
     int32_t  decode_scoring;    // enum llama_kv_decode_scoring (flash attention only)
+    int32_t  pool_kernel;       // span pooling: a token ranks as the highest score among itself and the
+                                // pool_kernel-1 positions before it (1: no pooling), so the tokens that
+                                // follow an attended one (the digits after "the number is") stay with it
 };
+
+// the largest pool_kernel llama_kv_policy_set accepts
+#define LLAMA_KV_POOL_KERNEL_MAX 256
 
 struct llama_kv_policy_stats {
     int64_t n_evictions;      // eviction events

@@ -304,6 +304,7 @@ void resolve() {
     kp.granularity       = (int32_t) values[field_index("granularity")];
     kp.mean_attention    =           values[field_index("mean_attention")] != 0.0;
     kp.decode_scoring    = (int32_t) values[field_index("decode_scoring")];
+    kp.pool_kernel       = (int32_t) values[field_index("pool_kernel")];
 
     // positions left unset: chosen in a2sf_server_attach once llama_kv_policy_set has resolved
     // the granularity (as python/a2sf/_llama/compaction.py resolve_positions)

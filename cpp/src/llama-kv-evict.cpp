@@ -23,6 +23,7 @@
 #include "ggml-backend.h"
 
 #include <algorithm>
+#include <deque>
 #include <map>
 #include <vector>
 
@@ -241,6 +242,33 @@ float group_rank(const std::vector<std::vector<float>> & scores, const std::vect
     return (float) (n_seen > 0.0 ? t/n_seen : t);
 }
 
+// Span pooling (SnapKV pools scores over neighbouring positions for the same reason):
+// a question attends to the start of a fact -- the key, "is", the first digit -- far
+// more than to its later tokens, so ranked alone a number loses its tail digits and the
+// copy breaks. Each candidate takes the highest rank among the candidates at positions
+// [pos - (k-1), pos], the window ending at it, so what follows an attended token is
+// kept with it. cand is ordered by position (one unit holds each position once).
+void pool_ranks_forward(std::vector<kv_cell_rank> & cand, int32_t k) {
+    if (k <= 1 || cand.size() < 2) {
+        return;
+    }
+    std::vector<float> pooled(cand.size());
+    std::deque<size_t> best; // indices of the window, ranks decreasing: the front is its maximum
+    for (size_t i = 0; i < cand.size(); ++i) {
+        while (!best.empty() && cand[best.back()].rank <= cand[i].rank) {
+            best.pop_back();
+        }
+        best.push_back(i);
+        while (cand[best.front()].pos < cand[i].pos - (k - 1)) {
+            best.pop_front();
+        }
+        pooled[i] = cand[best.front()].rank;
+    }
+    for (size_t i = 0; i < cand.size(); ++i) {
+        cand[i].rank = pooled[i];
+    }
+}
+
 } // namespace
 
 // Free up to n_free cells of seq_id by the policy's ranking (see evict_ranking).
@@ -341,6 +369,7 @@ int32_t llama_kv_score_access::evict_seq_impl(llama_context & lctx, llama_kv_cac
                         }
                         c.rank = group_rank(scores, grp, nh, kv_size, c.cell, n_seen);
                     }
+                    pool_ranks_forward(cg, cfg.params.pool_kernel);
                 } break;
             case LLAMA_KV_POLICY_RANDOM:
                 {

@@ -24,6 +24,7 @@ inline llama_kv_policy_params llama_kv_policy_defaults() {
     p.granularity       = LLAMA_KV_GRANULARITY_AUTO;
     p.mean_attention    = false;
     p.decode_scoring    = LLAMA_KV_DECODE_SCORING_AUTO;
+    p.pool_kernel       = 1;
     return p;
 }
 
@@ -95,7 +96,7 @@ struct llama_kv_policy_cfg {
         return a.kind == b.kind && a.forgetting_factor == b.forgetting_factor && a.value_aware == b.value_aware &&
                a.n_sink == b.n_sink && a.n_recent == b.n_recent && a.evict_chunk == b.evict_chunk && a.seed == b.seed &&
                a.granularity == b.granularity && a.mean_attention == b.mean_attention &&
-               a.decode_scoring == b.decode_scoring;
+               a.decode_scoring == b.decode_scoring && a.pool_kernel == b.pool_kernel;
     }
     bool operator!=(const llama_kv_policy_cfg & o) const { return !(*this == o); }
 };

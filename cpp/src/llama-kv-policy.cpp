@@ -35,6 +35,9 @@ int32_t llama_kv_policy_set(struct llama_context * ctx, const struct llama_kv_po
     if (p.decode_scoring < LLAMA_KV_DECODE_SCORING_EAGER || p.decode_scoring > LLAMA_KV_DECODE_SCORING_AUTO) {
         return LLAMA_KV_POLICY_ERR_ARG;
     }
+    if (p.pool_kernel < 1 || p.pool_kernel > LLAMA_KV_POOL_KERNEL_MAX) {
+        return LLAMA_KV_POLICY_ERR_ARG;
+    }
 
     llama_kv_cache * kv = llama_kv_score_access::get_kv(*ctx);
     if (p.kind != LLAMA_KV_POLICY_NONE && kv == nullptr) {

@@ -176,6 +176,10 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("mean_attention", bool, False, "rank by accumulated attention divided by the number of "
             "queries that saw the token (kvpress's ObservedAttention)",
             field="mean_attention", native="mean_attention"),
+    Setting("pool_kernel", int, 1, "span pooling: a token ranks as the highest score among itself and "
+            "the pool_kernel-1 positions before it, so the tokens that follow an attended one (the digits "
+            "of a number after its key, a name after 'is') are kept or dropped with it; 1: no pooling",
+            field="pool_kernel", native="pool_kernel", range=(1, 256)),
     Setting("decode_scoring", str, "auto", "with flash attention, how queries are scored (all exact): "
             "lazy (store the queries of decode steps, and for alpha < 1 of prefill ubatches too, and "
             "score them in one batched product when the scores are needed), eager (each ubatch in its "
@@ -306,6 +310,7 @@ class NoEviction(KVPolicy):
     seed: int = field(default=0, init=False)
     granularity: str = field(default="token", init=False)
     mean_attention: bool = field(default=False, init=False)
+    pool_kernel: int = field(default=1, init=False)
 
     kind: ClassVar[PolicyKind] = PolicyKind.NONE
     name: ClassVar[str] = "none"
@@ -326,6 +331,7 @@ class StreamingLLM(KVPolicy):
     value_aware: bool = field(default=False, init=False)
     granularity: str = field(default="token", init=False)
     mean_attention: bool = field(default=False, init=False)
+    pool_kernel: int = field(default=1, init=False)
 
     kind: ClassVar[PolicyKind] = PolicyKind.STREAMING
     name: ClassVar[str] = "streaming"
@@ -421,6 +427,7 @@ class RandomEviction(KVPolicy):
     value_aware: bool = field(default=False, init=False)
     granularity: str = field(default="token", init=False)
     mean_attention: bool = field(default=False, init=False)
+    pool_kernel: int = field(default=1, init=False)
 
     kind: ClassVar[PolicyKind] = PolicyKind.RANDOM
     name: ClassVar[str] = "random"

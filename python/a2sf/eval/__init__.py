@@ -63,6 +63,8 @@ def build_parser(prog: str = "python -m a2sf.eval") -> argparse.ArgumentParser:
     p.add_argument("--modes", nargs="+", default=["continuous"], choices=["continuous", "compress"],
                    help="continuous: evict while the context streams in; compress: full prefill, then "
                         "one compression to the budget (kvpress, A2SF's reference code)")
+    p.add_argument("--pool-kernels", nargs="+", type=int, default=[1],
+                   help="span pooling kernels of the scored policies (each a variant; 1: none)")
     p.add_argument("--type-k", default="f16", choices=sorted(K_TYPES),
                    help="llama.cpp's K cache type (V stays F16); compare configs within one --out only")
 
@@ -180,7 +182,8 @@ def cmd_ppl(args) -> int:
             settings["type_k"] = args.type_k
         factory = RecordFactory("ppl", Path(args.texts).name, model, settings)
         configs = build_sweep(args.policies, args.ratios, args.alphas, args.alpha_ratio,
-                              granularities=args.granularities, modes=args.modes)
+                              granularities=args.granularities, modes=args.modes,
+                              pool_kernels=args.pool_kernels)
         store = ResultStore(args.out / "ppl.jsonl")
         n = run_ppl(runner, store, factory, configs, windows, args.context, args.chunk,
                     not args.no_progress)

@@ -67,6 +67,7 @@ class CacheConfig:
     cells: Optional[int] = None  # a fixed budget in cells instead of a ratio (needle)
     granularity: str = "token"  # token / layer / head (scored policies)
     compress: bool = False  # full prefill, then one compression (else: evict while the context streams in)
+    pool_kernel: int = 1  # span pooling of the scored policies (1: none)
 
     def __post_init__(self) -> None:
         if self.policy not in EVAL_POLICIES:
@@ -75,6 +76,8 @@ class CacheConfig:
             raise ValueError(f"granularity must be token, layer or head, got {self.granularity!r}")
         if self.granularity != "token" and self.policy in ("none", "streaming", "random"):
             raise ValueError(f"{self.policy} has no scores: granularity is for the scored policies")
+        if self.pool_kernel != 1 and self.policy in ("none", "streaming", "random"):
+            raise ValueError(f"{self.policy} has no scores: pool_kernel is for the scored policies")
         if self.policy == "none":
             if self.ratio is not None or self.alpha is not None or self.cells is not None:
                 raise ValueError("policy 'none' takes no ratio, cells or alpha")
@@ -96,7 +99,8 @@ class CacheConfig:
     def variant(self) -> str:
         """The policy with its granularity and mode: ``a2sf``, ``a2sf/head``, ``h2o/head+compress``."""
         g = f"/{self.granularity}" if self.granularity != "token" else ""
-        return f"{self.policy}{g}{'+compress' if self.compress else ''}"
+        pool = f"/pool{self.pool_kernel}" if self.pool_kernel != 1 else ""
+        return f"{self.policy}{g}{'+compress' if self.compress else ''}{pool}"
 
     @property
     def label(self) -> str:
@@ -120,6 +124,7 @@ class CacheConfig:
         kw = dict(n_sink=split["n_sink"], n_recent=split["n_recent"])
         if self.policy not in ("none", "streaming", "random"):
             kw["granularity"] = self.granularity
+            kw["pool_kernel"] = self.pool_kernel
         if self.policy in ("a2sf", "vatp") and self.alpha is not None:
             kw["forgetting_factor"] = float(self.alpha)
         return make_policy(self.policy, **kw)

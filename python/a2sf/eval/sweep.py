@@ -15,7 +15,8 @@ DEFAULT_ALPHA = 0.95
 
 def build_sweep(policies: Sequence[str], ratios: Sequence[float], alphas: Sequence[float],
                 alpha_ratio: Optional[float], cells: Optional[int] = None,
-                granularities: Sequence[str] = ("token",), modes: Sequence[str] = ("continuous",)) -> List[CacheConfig]:
+                granularities: Sequence[str] = ("token",), modes: Sequence[str] = ("continuous",),
+                pool_kernels: Sequence[int] = (1,)) -> List[CacheConfig]:
     """Full cache first, then every policy at every budget, then the alpha sweep.
 
     A2SF runs at ``DEFAULT_ALPHA`` at every budget and at each of ``alphas`` at
@@ -31,11 +32,13 @@ def build_sweep(policies: Sequence[str], ratios: Sequence[float], alphas: Sequen
             if p == "none":
                 continue
             alpha = DEFAULT_ALPHA if p == "a2sf" else None
-            grans = ("token",) if p in ("streaming", "random") else granularities
+            scored = p not in ("streaming", "random")
+            grans = granularities if scored else ("token",)
             for mode in modes:
                 for g in grans:
-                    out.append(CacheConfig(p, alpha=alpha, granularity=g, compress=mode == "compress",
-                                           **{kind: b}))
+                    for k in (pool_kernels if scored else (1,)):
+                        out.append(CacheConfig(p, alpha=alpha, granularity=g, compress=mode == "compress",
+                                               pool_kernel=k, **{kind: b}))
     if "a2sf" in policies and alphas:
         kind, b = ("cells", cells) if cells is not None else ("ratio", alpha_ratio)
         if b is not None:
