@@ -44,6 +44,62 @@ def test_default_params_are_the_python_tables(core):
     assert {k: v for k, v in KVPolicy().to_native().items() if k != "kind"} == want
 
 
+def test_settings_rows_are_the_engine_table(core):
+    """Each setting is written once in C (cpp/include/llama-kv-policy-settings.def): every
+    row of a2sf.policies.SETTINGS that maps to the C struct says what that table says
+    (name, type, range, default, the automatic value Python writes None, help), a str row's
+    choices are the C enum's names in the order of their numbers, and every C row has a
+    Python row."""
+    table = {r["name"]: r for r in core.settings()}
+    native = {s.native: s for s in SETTINGS if s.native is not None}
+    assert list(table) == [k for k in core.default_params() if k != "kind"]  # the struct's fields, in order
+    assert set(native) == set(table), "a C row without a Python row in a2sf.policies.SETTINGS, or the reverse"
+    types = {int: "int", float: "float", bool: "bool", str: "enum"}
+    for name, s in native.items():
+        c = table[name]
+        assert types[s.type] == c["type"], name
+        assert s.help == c["help"], name
+        assert s.to_native(s.default) == c["default"], name
+        if s.default is None:  # None: the engine chooses
+            assert c["auto"] is not None and s.native_none == c["auto"], name
+        if c["auto"] is not None:
+            assert s.native_none == c["auto"] and s.check(None) is None, name
+        if s.type is str:
+            assert s.choices == c["choices"], name
+            for number, choice in enumerate(s.choices, start=c["range"][0]):
+                assert s.to_native(choice) == number, (name, choice)
+        elif s.type is not bool:
+            assert s.range == c["range"] and s.choices is None and c["choices"] == (), name
+    assert [k.name.lower() for k in PolicyKind] == ["none", "streaming", "score", "random"]
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(kind=9), "unknown policy kind 9: must be 0 (none), 1 (streaming), 2 (score) or 3 (random)"),
+    (dict(kind=2, pool_kernel=0), "pool_kernel must be in [1, 256], got 0"),
+    (dict(kind=2, n_recent=-3), "n_recent must be in [0, 2^31-1] or -1 (auto), got -3"),
+    (dict(kind=2, n_sink=2**40), "n_sink must be in [0, 2^31-1], got 1099511627776"),
+    (dict(kind=3, seed=2**32), "seed must be in [0, 2^32-1], got 4294967296"),
+    (dict(kind=2, forgetting_factor=float("inf")), "forgetting_factor must be in [0, 1], got inf"),
+    (dict(kind=2, granularity=3), "granularity must be one of 0 (token), 1 (layer), 2 (head), or -1 (auto), got 3"),
+    (dict(kind=2, decode_scoring=-1), "decode_scoring must be one of 0 (eager), 1 (lazy), 2 (auto), got -1"),
+])
+def test_set_policy_messages_are_the_engines(core, llm, kw, message):
+    """set_policy checks nothing itself: the message is llama_kv_policy_set_value's / _check's."""
+    with pytest.raises(ValueError) as e:
+        core.set_policy(addr(llm), **kw)
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(n_sink=1.5), "n_sink must be an int, got float"), (dict(n_recent="8"), "n_recent must be an int"),
+    (dict(forgetting_factor="x"), "forgetting_factor must be a real number"),
+    (dict(granularity=None), "granularity must be an int, got NoneType"),
+])
+def test_set_policy_wrong_types(core, llm, kw, match):
+    with pytest.raises(TypeError, match=match):
+        core.set_policy(addr(llm), kind=2, **kw)
+
+
 @pytest.mark.parametrize("null", [0, None, ctypes.c_void_p()])
 def test_null_context_is_a_value_error(core, null):
     for call in (lambda: core.get_policy(null), lambda: core.n_layers(null),

@@ -73,20 +73,105 @@ int32_t check(int32_t rc, const char * what) {
     }
 }
 
+// the kind and every row of llama-kv-policy-settings.def, each as its C type
 py::dict params_to_dict(const llama_kv_policy_params & p) {
     py::dict d;
-    d["kind"]              = p.kind;
-    d["forgetting_factor"] = p.forgetting_factor;
-    d["value_aware"]       = p.value_aware;
-    d["n_sink"]            = p.n_sink;
-    d["n_recent"]          = p.n_recent;
-    d["evict_chunk"]       = p.evict_chunk;
-    d["seed"]              = p.seed;
-    d["granularity"]       = p.granularity;
-    d["mean_attention"]    = p.mean_attention;
-    d["decode_scoring"]    = p.decode_scoring;
-    d["pool_kernel"]       = p.pool_kernel;
+    d["kind"] = p.kind;
+#define LLAMA_KV_SETTING(name, ...) d[#name] = p.name;
+#include "llama-kv-policy-settings.def"
+#undef LLAMA_KV_SETTING
     return d;
+}
+
+const char * type_name(int32_t type) {
+    switch (type) {
+        case LLAMA_KV_SETTING_INT:   return "int";
+        case LLAMA_KV_SETTING_FLOAT: return "float";
+        case LLAMA_KV_SETTING_BOOL:  return "bool";
+        case LLAMA_KV_SETTING_ENUM:  return "enum";
+    }
+    return "?";
+}
+
+// a number of the C table's type as Python holds it
+py::object as_py(int32_t type, double v) {
+    switch (type) {
+        case LLAMA_KV_SETTING_FLOAT: return py::float_(v);
+        case LLAMA_KV_SETTING_BOOL:  return py::bool_(v != 0.0);
+        default:                     return py::int_(static_cast<long long>(v));
+    }
+}
+
+// The table (llama_kv_policy_setting_info) as a tuple of dicts.
+py::tuple settings_table() {
+    const int32_t n = llama_kv_policy_n_settings();
+    py::tuple out(n);
+    for (int32_t i = 0; i < n; ++i) {
+        const llama_kv_policy_setting & s = *llama_kv_policy_setting_info(i);
+        py::list choices;
+        if (s.type == LLAMA_KV_SETTING_ENUM) {
+            std::string all = s.choices;
+            for (size_t at = 0;;) {
+                const size_t bar = all.find('|', at);
+                choices.append(all.substr(at, bar == std::string::npos ? std::string::npos : bar - at));
+                if (bar == std::string::npos) {
+                    break;
+                }
+                at = bar + 1;
+            }
+        }
+        py::dict d;
+        d["name"]    = s.name;
+        d["type"]    = type_name(s.type);
+        d["range"]   = py::make_tuple(as_py(s.type, s.min), as_py(s.type, s.max));
+        d["auto"]    = s.has_auto ? as_py(s.type, s.auto_value) : py::none();
+        d["default"] = as_py(s.type, s.default_value);
+        d["choices"] = py::tuple(choices);
+        d["help"]    = s.help;
+        out[i] = d;
+    }
+    return out;
+}
+
+// A keyword of set_policy as the double llama_kv_policy_set_value takes: TypeError for a
+// value of the wrong type (its range is the C check's)
+double setting_value(const llama_kv_policy_setting & s, const py::handle & v) {
+    auto wrong = [&](const char * want) {
+        return py::type_error(std::string(s.name) + " must be " + want + ", got " +
+                              std::string(py::str(py::type::of(v).attr("__name__"))) + " (" +
+                              std::string(py::repr(v)) + ")");
+    };
+    switch (s.type) {
+        case LLAMA_KV_SETTING_BOOL:
+            try {
+                return v.cast<bool>() ? 1.0 : 0.0;
+            } catch (const py::cast_error &) {
+                throw wrong("a bool");
+            }
+        case LLAMA_KV_SETTING_FLOAT:
+            try {
+                return v.cast<double>();
+            } catch (const py::cast_error &) {
+                throw wrong("a real number");
+            }
+        default: {  // INT, ENUM: any Python int (or object with __index__), exact below 2^53
+            if (PyFloat_Check(v.ptr())) {
+                throw wrong("an int");
+            }
+            PyObject * i = PyNumber_Index(v.ptr());
+            if (i == nullptr) {
+                PyErr_Clear();
+                throw wrong("an int");
+            }
+            const py::int_ n = py::reinterpret_steal<py::int_>(i);
+            const double d = PyLong_AsDouble(n.ptr());
+            if (d == -1.0 && PyErr_Occurred()) {  // past the doubles: out of any range
+                PyErr_Clear();
+                return n < py::int_(0) ? -INFINITY : INFINITY;
+            }
+            return d;
+        }
+    }
 }
 
 void check_nonneg(int64_t v, const char * name) {
@@ -131,61 +216,54 @@ PYBIND11_MODULE(_core, m) {
     m.def("default_params", []() { return params_to_dict(llama_kv_policy_default_params()); },
           "The engine's default policy parameters as a dict.");
 
-    const llama_kv_policy_params dp = llama_kv_policy_default_params();
+    m.def("settings", &settings_table,
+          "The engine's settings table (cpp/include/llama-kv-policy-settings.def): per field of\n"
+          "llama_kv_policy_params, a dict of name, type ('int', 'float', 'bool', 'enum'), range\n"
+          "(inclusive; an enum's first and last number), auto (the value that lets the engine\n"
+          "choose, or None), default, choices (an enum's names, numbered from range[0]) and help.");
 
+    // set_policy(ctx, kind, <one keyword per row of the table, default: the row's default>)
+#define A2SF_PARAM(name, ...) , const py::object & name
+#define A2SF_VALUE(name, ...) &name,
+#define A2SF_ARG(name, ctype, type, min, max, auto_, def, ...) , py::arg(#name) = static_cast<ctype>(def)
+#define LLAMA_KV_SETTING A2SF_PARAM
     m.def(
         "set_policy",
-        [](const py::object & ctx_obj, int kind, double forgetting_factor, bool value_aware,
-           int64_t n_sink, int64_t n_recent, int64_t evict_chunk, int64_t seed, int granularity,
-           bool mean_attention, int decode_scoring, int64_t pool_kernel) {
+        [](const py::object & ctx_obj, int kind
+#include "llama-kv-policy-settings.def"
+           ) {
+#undef LLAMA_KV_SETTING
             llama_context * ctx = as_ctx(ctx_obj);
-            if (kind < LLAMA_KV_POLICY_NONE || kind > LLAMA_KV_POLICY_RANDOM) {
-                throw py::value_error("unknown policy kind " + std::to_string(kind));
-            }
-            if (!std::isfinite(forgetting_factor) || forgetting_factor < 0.0 || forgetting_factor > 1.0) {
-                throw py::value_error("forgetting_factor must be in [0, 1], got " +
-                                      std::to_string(forgetting_factor));
-            }
-            check_nonneg(n_sink, "n_sink");
-            if (n_recent != LLAMA_KV_RECENT_HALF) {
-                check_nonneg(n_recent, "n_recent");
-            }
-            check_nonneg(evict_chunk, "evict_chunk");
-            if (seed < 0 || seed > static_cast<int64_t>(UINT32_MAX)) {
-                throw py::value_error("seed must be in [0, 2^32-1], got " + std::to_string(seed));
-            }
-            if (granularity < LLAMA_KV_GRANULARITY_AUTO || granularity > LLAMA_KV_GRANULARITY_HEAD) {
-                throw py::value_error("unknown granularity " + std::to_string(granularity));
-            }
-            if (decode_scoring < LLAMA_KV_DECODE_SCORING_EAGER || decode_scoring > LLAMA_KV_DECODE_SCORING_AUTO) {
-                throw py::value_error("unknown decode_scoring " + std::to_string(decode_scoring));
-            }
-            if (pool_kernel < 1 || pool_kernel > LLAMA_KV_POOL_KERNEL_MAX) {
-                throw py::value_error("pool_kernel must be in [1, " + std::to_string(LLAMA_KV_POOL_KERNEL_MAX) +
-                                      "], got " + std::to_string(pool_kernel));
-            }
+#define LLAMA_KV_SETTING A2SF_VALUE
+            const py::object * values[] = {
+#include "llama-kv-policy-settings.def"
+            };
+#undef LLAMA_KV_SETTING
             llama_kv_policy_params p = llama_kv_policy_default_params();
-            p.kind              = kind;
-            p.decode_scoring    = decode_scoring;
-            p.granularity       = granularity;
-            p.mean_attention    = mean_attention;
-            p.forgetting_factor = static_cast<float>(forgetting_factor);
-            p.value_aware       = value_aware;
-            p.n_sink            = static_cast<int32_t>(n_sink);
-            p.n_recent          = static_cast<int32_t>(n_recent);
-            p.evict_chunk       = static_cast<int32_t>(evict_chunk);
-            p.seed              = static_cast<uint32_t>(seed);
-            p.pool_kernel       = static_cast<int32_t>(pool_kernel);
+            p.kind = kind;
+            char msg[512];
+            if (llama_kv_policy_check(&p, msg, sizeof(msg)) != 0) {  // the kind
+                throw py::value_error(msg);
+            }
+            for (int32_t i = 0; i < llama_kv_policy_n_settings(); ++i) {
+                const double v = setting_value(*llama_kv_policy_setting_info(i), *values[i]);
+                if (llama_kv_policy_set_value(&p, i, v, msg, sizeof(msg)) != 0) {
+                    throw py::value_error(msg);
+                }
+            }
             check(llama_kv_policy_set(ctx, &p), "llama_kv_policy_set");
         },
-        py::arg("ctx"), py::arg("kind"), py::arg("forgetting_factor") = dp.forgetting_factor,
-        py::arg("value_aware") = dp.value_aware, py::arg("n_sink") = dp.n_sink,
-        py::arg("n_recent") = dp.n_recent, py::arg("evict_chunk") = dp.evict_chunk,
-        py::arg("seed") = dp.seed, py::arg("granularity") = dp.granularity,
-        py::arg("mean_attention") = dp.mean_attention, py::arg("decode_scoring") = dp.decode_scoring,
-        py::arg("pool_kernel") = dp.pool_kernel,
-        "Set (or replace) the eviction policy of a context (ValueError for layer/head granularity\n"
-        "on an ALiBi model).");
+        py::arg("ctx"), py::arg("kind")
+#define LLAMA_KV_SETTING A2SF_ARG
+#include "llama-kv-policy-settings.def"
+#undef LLAMA_KV_SETTING
+        ,
+        "Set (or replace) the eviction policy of a context: kind, then one keyword per field of\n"
+        "llama_kv_policy_params (see settings()). ValueError with the engine's message for a value\n"
+        "out of range (and for layer/head granularity on an ALiBi model), TypeError for a wrong type.");
+#undef A2SF_PARAM
+#undef A2SF_VALUE
+#undef A2SF_ARG
 
     m.def(
         "get_policy",

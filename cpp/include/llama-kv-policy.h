@@ -8,6 +8,7 @@
 #include "llama.h"
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #ifdef __cplusplus
@@ -58,25 +59,18 @@ enum llama_kv_decode_scoring {
 // attention on this CPU (true) or with the flash-attention kernel plus a K*q product (false)
 LLAMA_API bool llama_kv_policy_auto_decode_unfused(void);
 
-struct llama_kv_policy_params {
-    int32_t  kind;              // enum llama_kv_policy_kind
-    float    forgetting_factor; // alpha in [0, 1]: S <- alpha*S + attention row (1 = H2O, 0 = TOVA)
-    bool     value_aware;       // VATP: weigh attention by the L1 norm of the cell's value vector
-    int32_t  n_sink;            // first positions of each sequence that are never evicted
-    int32_t  n_recent;          // newest positions of each sequence that are never evicted, or
-                                // LLAMA_KV_RECENT_HALF: half of the cells an eviction keeps (after the sinks)
-    int32_t  evict_chunk;       // extra cells freed per eviction event (amortises its cost)
-    uint32_t seed;              // RNG seed of the random policy
-    int32_t  granularity;       // enum llama_kv_granularity (score-ranked policies)
-    bool     mean_attention;    // rank by accumulated attention / queries that saw the token (kvpress ObservedAttention)
-    int32_t  decode_scoring;    // enum llama_kv_decode_scoring (flash attention only)
-    int32_t  pool_kernel;       // span pooling: a token ranks as the highest score among itself and the
-                                // pool_kernel-1 positions before it (1: no pooling), so the tokens that
-                                // follow an attended one (the digits after "the number is") stay with it
-};
-
 // the largest pool_kernel llama_kv_policy_set accepts
 #define LLAMA_KV_POOL_KERNEL_MAX 256
+
+// The policy of a context: its kind, then one field per row of llama-kv-policy-settings.def,
+// in the rows' order (forgetting_factor, value_aware, n_sink, n_recent, ...): that table
+// gives each field's type, range, default and meaning.
+struct llama_kv_policy_params {
+    int32_t kind; // enum llama_kv_policy_kind
+#define LLAMA_KV_SETTING(name, ctype, ...) ctype name;
+#include "llama-kv-policy-settings.def"
+#undef LLAMA_KV_SETTING
+};
 
 struct llama_kv_policy_stats {
     int64_t n_evictions;      // eviction events
@@ -104,6 +98,48 @@ struct llama_kv_policy_stats {
 #define LLAMA_KV_POLICY_ERR_STATE    (-7) // not possible in the cache's current state (see the function)
 
 LLAMA_API struct llama_kv_policy_params llama_kv_policy_default_params(void);
+
+// --- the settings table (llama-kv-policy-settings.def) at run time -------------------
+
+enum llama_kv_setting_type {
+    LLAMA_KV_SETTING_INT   = 0, // an integer in [min, max]
+    LLAMA_KV_SETTING_FLOAT = 1, // a finite real number in [min, max]
+    LLAMA_KV_SETTING_BOOL  = 2, // 0 or 1
+    LLAMA_KV_SETTING_ENUM  = 3, // one of the numbers min..max, named by choices
+};
+
+// One row of the table.
+struct llama_kv_policy_setting {
+    const char * name;          // the field of llama_kv_policy_params
+    int32_t      type;          // enum llama_kv_setting_type
+    double       min, max;      // inclusive range (ENUM: the numbers of the first and last choice)
+    bool         has_auto;      // auto_value (outside [min, max]) means "the engine chooses"
+    double       auto_value;
+    double       default_value; // what llama_kv_policy_default_params() holds
+    const char * choices;       // ENUM: the names of min..max, '|'-separated; "" otherwise
+    const char * help;
+};
+
+// The number of rows, and row i (NULL when i is out of range): static storage, never freed.
+LLAMA_API int32_t llama_kv_policy_n_settings(void);
+LLAMA_API const struct llama_kv_policy_setting * llama_kv_policy_setting_info(int32_t i);
+// The row of the field called name, or LLAMA_KV_POLICY_ERR_ARG when there is none.
+LLAMA_API int32_t llama_kv_policy_setting_index(const char * name);
+
+// Field i of params, as a double (NAN when i is out of range).
+LLAMA_API double llama_kv_policy_get_value(const struct llama_kv_policy_params * params, int32_t i);
+
+// Check value for field i and store it in params: 0, or LLAMA_KV_POLICY_ERR_ARG (params
+// unchanged) with a one-line message in msg (may be NULL; truncated to msg_size), e.g.
+// "n_sink must be in [0, 2^31-1], got -1". value is a double so that a caller may pass
+// what it read (a Python int, a flag's text) before it fits the field's C type.
+LLAMA_API int32_t llama_kv_policy_set_value(struct llama_kv_policy_params * params, int32_t i, double value,
+                                            char * msg, size_t msg_size);
+
+// Check every field of params (the kind, then each row) as llama_kv_policy_set does:
+// 0, or LLAMA_KV_POLICY_ERR_ARG with the message of the first bad field in msg.
+// (llama_kv_policy_set also refuses what the context cannot run: see there.)
+LLAMA_API int32_t llama_kv_policy_check(const struct llama_kv_policy_params * params, char * msg, size_t msg_size);
 
 // Set (or replace) the policy of a context. Invalidates graph reuse.
 // Returns 0, or a negative LLAMA_KV_POLICY_ERR_* code (nothing is changed then).

@@ -44,6 +44,7 @@ struct a2sf_field_value {
 
 constexpr size_t N_SETTINGS = sizeof(A2SF_SETTINGS) / sizeof(A2SF_SETTINGS[0]);
 constexpr size_t N_FIELDS   = sizeof(A2SF_FIELDS) / sizeof(A2SF_FIELDS[0]);
+static_assert(N_FIELDS == sizeof(A2SF_NATIVE) / sizeof(A2SF_NATIVE[0]), "A2SF_NATIVE names each KVPolicy field's C field");
 static_assert(N_FIELDS == sizeof(a2sf_policy_def::fields) / sizeof(a2sf_field_value),
               "a2sf_policy_def::fields has one entry per KVPolicy field");
 
@@ -292,19 +293,21 @@ void resolve() {
         throw std::invalid_argument("--kv-positions: positions needs a kv_policy other than none "
             "(without one nothing is evicted and the limit is n_ctx)");
     }
+    // each KVPolicy field into its field of llama_kv_policy_params, checked by the engine
+    // (the flag's text was checked by parse_value with the same table's range)
     llama_kv_policy_params & kp = s.params;
     kp = llama_kv_policy_default_params();
-    kp.kind              = p->kind;
-    kp.n_sink            = (int32_t) values[field_index("n_sink")];
-    kp.n_recent          = (int32_t) values[field_index("n_recent")];
-    kp.evict_chunk       = (int32_t) values[field_index("evict_chunk")];
-    kp.forgetting_factor = (float)   values[field_index("forgetting_factor")];
-    kp.value_aware       =           values[field_index("value_aware")] != 0.0;
-    kp.seed              = (uint32_t) values[field_index("seed")];
-    kp.granularity       = (int32_t) values[field_index("granularity")];
-    kp.mean_attention    =           values[field_index("mean_attention")] != 0.0;
-    kp.decode_scoring    = (int32_t) values[field_index("decode_scoring")];
-    kp.pool_kernel       = (int32_t) values[field_index("pool_kernel")];
+    kp.kind = p->kind;
+    for (size_t f = 0; f < N_FIELDS; ++f) {
+        if (A2SF_NATIVE[f] == nullptr) {
+            continue;
+        }
+        char msg[512] = "no such field of llama_kv_policy_params";
+        const int32_t i = llama_kv_policy_setting_index(A2SF_NATIVE[f]);
+        if (i < 0 || llama_kv_policy_set_value(&kp, i, values[f], msg, sizeof(msg)) != 0) {
+            throw std::invalid_argument(std::string("--kv-policy ") + p->name + ": " + A2SF_FIELDS[f] + ": " + msg);
+        }
+    }
 
     // positions left unset: chosen in a2sf_server_attach once llama_kv_policy_set has resolved
     // the granularity (as python/a2sf/_llama/compaction.py resolve_positions)

@@ -7,24 +7,18 @@
 #include "llama-kv-policy.h"
 
 #include <cmath>
+#include <cstdint>
 #include <vector>
 
 // The engine's defaults: what llama_kv_policy_default_params() returns and what a
-// context starts with (kind NONE: vanilla llama.cpp). Python's a2sf.policies.SETTINGS
-// holds the same defaults (tests/test_engine_core.py checks that they agree).
+// context starts with (kind NONE: vanilla llama.cpp), each row's default of
+// llama-kv-policy-settings.def.
 inline llama_kv_policy_params llama_kv_policy_defaults() {
     llama_kv_policy_params p = {};
-    p.kind              = LLAMA_KV_POLICY_NONE;
-    p.forgetting_factor = 1.0f; // alpha (1 = H2O)
-    p.value_aware       = false;
-    p.n_sink            = 4;
-    p.n_recent          = LLAMA_KV_RECENT_HALF;
-    p.evict_chunk       = 16;
-    p.seed              = 0;
-    p.granularity       = LLAMA_KV_GRANULARITY_AUTO;
-    p.mean_attention    = false;
-    p.decode_scoring    = LLAMA_KV_DECODE_SCORING_AUTO;
-    p.pool_kernel       = 1;
+    p.kind = LLAMA_KV_POLICY_NONE;
+#define LLAMA_KV_SETTING(name, ctype, type, min, max, auto_, def, ...) p.name = static_cast<ctype>(def);
+#include "llama-kv-policy-settings.def"
+#undef LLAMA_KV_SETTING
     return p;
 }
 
@@ -90,13 +84,15 @@ struct llama_kv_policy_cfg {
     // the engine tracks what each (layer, head) holds in each cell (llama_kv_units)
     bool tracks_units() const { return scored() && (granularity() != LLAMA_KV_GRANULARITY_TOKEN || params.mean_attention); }
 
+    // every field of the table, and the kind
     bool operator==(const llama_kv_policy_cfg & o) const {
         const auto & a = params;
         const auto & b = o.params;
-        return a.kind == b.kind && a.forgetting_factor == b.forgetting_factor && a.value_aware == b.value_aware &&
-               a.n_sink == b.n_sink && a.n_recent == b.n_recent && a.evict_chunk == b.evict_chunk && a.seed == b.seed &&
-               a.granularity == b.granularity && a.mean_attention == b.mean_attention &&
-               a.decode_scoring == b.decode_scoring && a.pool_kernel == b.pool_kernel;
+        return a.kind == b.kind
+#define LLAMA_KV_SETTING(name, ...) && a.name == b.name
+#include "llama-kv-policy-settings.def"
+#undef LLAMA_KV_SETTING
+            ;
     }
     bool operator!=(const llama_kv_policy_cfg & o) const { return !(*this == o); }
 };

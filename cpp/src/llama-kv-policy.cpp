@@ -9,10 +9,218 @@
 #include "llama-context.h"
 #include "llama-kv-cache.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+
+namespace {
+
+// --- the settings table (llama-kv-policy-settings.def) ------------------------------
+
+constexpr int count_choices(const char * s) {
+    int n = *s ? 1 : 0;
+    for (; *s; ++s) {
+        n += *s == '|';
+    }
+    return n;
+}
+
+struct setting_row {
+    llama_kv_policy_setting info;
+    double (*get)(const llama_kv_policy_params &);
+    void   (*set)(llama_kv_policy_params &, double);
+};
+
+#define LLAMA_KV_AUTO(v)  true, static_cast<double>(v)
+#define LLAMA_KV_NO_AUTO  false, 0.0
+const setting_row ROWS[] = {
+#define LLAMA_KV_SETTING(name, ctype, type, min, max, auto_, def, choices, help)                               \
+    { { #name, LLAMA_KV_SETTING_##type, static_cast<double>(min), static_cast<double>(max), auto_,              \
+        static_cast<double>(def), choices, help },                                                             \
+      [](const llama_kv_policy_params & p) { return static_cast<double>(p.name); },                             \
+      [](llama_kv_policy_params & p, double v) { p.name = static_cast<ctype>(v); } },
+#include "llama-kv-policy-settings.def"
+#undef LLAMA_KV_SETTING
+};
+#undef LLAMA_KV_AUTO
+#undef LLAMA_KV_NO_AUTO
+
+constexpr int32_t N_ROWS = (int32_t) (sizeof(ROWS) / sizeof(ROWS[0]));
+
+// what a row promises, checked when it is compiled: one name per number of an ENUM, a
+// default in range (or the auto value), an auto value outside the range
+#define LLAMA_KV_AUTO(v)  (static_cast<double>(v))
+#define LLAMA_KV_NO_AUTO  (std::numeric_limits<double>::quiet_NaN())
+#define LLAMA_KV_SETTING(name, ctype, type, min, max, auto_, def, choices, help)                               \
+    static_assert(LLAMA_KV_SETTING_##type != LLAMA_KV_SETTING_ENUM ||                                         \
+                  count_choices(choices) == static_cast<int>(max) - static_cast<int>(min) + 1,                 \
+                  #name ": an ENUM names each number in [min, max]");                                          \
+    static_assert(LLAMA_KV_SETTING_##type == LLAMA_KV_SETTING_ENUM || count_choices(choices) == 0,             \
+                  #name ": only an ENUM has choices");                                                         \
+    static_assert((static_cast<double>(min) <= static_cast<double>(def) &&                                     \
+                   static_cast<double>(def) <= static_cast<double>(max)) ||                                    \
+                  static_cast<double>(def) == auto_, #name ": the default is in range or the auto value");     \
+    static_assert(!(static_cast<double>(min) <= auto_ && auto_ <= static_cast<double>(max)),                   \
+                  #name ": the auto value lies outside [min, max]");
+#include "llama-kv-policy-settings.def"
+#undef LLAMA_KV_SETTING
+#undef LLAMA_KV_AUTO
+#undef LLAMA_KV_NO_AUTO
+
+// a bound as Python's a2sf.policies.Setting prints it
+std::string fmt_bound(double v) {
+    if (v == (double) INT32_MAX) {
+        return "2^31-1";
+    }
+    if (v == (double) UINT32_MAX) {
+        return "2^32-1";
+    }
+    char buf[64];
+    snprintf(buf, sizeof(buf), "%g", v);
+    return buf;
+}
+
+// a value as briefly as it reads back exactly (as Python's repr)
+std::string fmt_value(double v) {
+    char buf[64];
+    for (int prec = 1; prec <= 17; ++prec) {
+        snprintf(buf, sizeof(buf), "%.*g", prec, v);
+        if (std::isnan(v) || strtod(buf, nullptr) == v) {
+            break;
+        }
+    }
+    return buf;
+}
+
+std::string choice_list(const llama_kv_policy_setting & s) {
+    std::string out;
+    const char * c = s.choices;
+    for (int n = (int) s.min; ; ++n) {
+        const char * end = strchr(c, '|');
+        const std::string name = end ? std::string(c, end) : std::string(c);
+        if (!out.empty()) {
+            out += ", ";
+        }
+        out += std::to_string(n) + " (" + name + ")";
+        if (!end) {
+            break;
+        }
+        c = end + 1;
+    }
+    return out;
+}
+
+// "" when value is valid for the row, else what is wrong with it
+std::string check_value(const llama_kv_policy_setting & s, double v) {
+    const std::string got = ", got " + fmt_value(v);
+    if (s.has_auto && v == s.auto_value) {
+        return "";
+    }
+    const std::string or_auto = s.has_auto ? " or " + fmt_value(s.auto_value) + " (auto)" : "";
+    const bool in_range = v >= s.min && v <= s.max; // false for NaN
+    switch (s.type) {
+        case LLAMA_KV_SETTING_FLOAT:
+            if (!std::isfinite(v) || !in_range) {
+                return std::string(s.name) + " must be in [" + fmt_bound(s.min) + ", " + fmt_bound(s.max) + "]" +
+                       or_auto + got;
+            }
+            return "";
+        case LLAMA_KV_SETTING_BOOL:
+            if (v != 0.0 && v != 1.0) {
+                return std::string(s.name) + " must be a bool (0 or 1)" + got;
+            }
+            return "";
+        case LLAMA_KV_SETTING_INT:
+        case LLAMA_KV_SETTING_ENUM:
+            if (std::isfinite(v) && v != std::floor(v)) {
+                return std::string(s.name) + " must be an int" + got;
+            }
+            if (!in_range) {
+                if (s.type == LLAMA_KV_SETTING_ENUM) {
+                    return std::string(s.name) + " must be one of " + choice_list(s) +
+                           (s.has_auto ? ", or " + fmt_value(s.auto_value) + " (auto)" : "") + got;
+                }
+                return std::string(s.name) + " must be in [" + fmt_bound(s.min) + ", " + fmt_bound(s.max) + "]" +
+                       or_auto + got;
+            }
+            return "";
+    }
+    return std::string(s.name) + ": unknown setting type";
+}
+
+int32_t fail(const std::string & what, char * msg, size_t msg_size) {
+    if (msg != nullptr && msg_size > 0) {
+        snprintf(msg, msg_size, "%s", what.c_str());
+    }
+    return LLAMA_KV_POLICY_ERR_ARG;
+}
+
+} // namespace
 
 struct llama_kv_policy_params llama_kv_policy_default_params(void) {
     return llama_kv_policy_defaults();
+}
+
+int32_t llama_kv_policy_n_settings(void) {
+    return N_ROWS;
+}
+
+const struct llama_kv_policy_setting * llama_kv_policy_setting_info(int32_t i) {
+    return i >= 0 && i < N_ROWS ? &ROWS[i].info : nullptr;
+}
+
+int32_t llama_kv_policy_setting_index(const char * name) {
+    for (int32_t i = 0; name != nullptr && i < N_ROWS; ++i) {
+        if (strcmp(ROWS[i].info.name, name) == 0) {
+            return i;
+        }
+    }
+    return LLAMA_KV_POLICY_ERR_ARG;
+}
+
+double llama_kv_policy_get_value(const struct llama_kv_policy_params * params, int32_t i) {
+    if (params == nullptr || i < 0 || i >= N_ROWS) {
+        return NAN;
+    }
+    return ROWS[i].get(*params);
+}
+
+int32_t llama_kv_policy_set_value(struct llama_kv_policy_params * params, int32_t i, double value,
+                                  char * msg, size_t msg_size) {
+    if (params == nullptr || i < 0 || i >= N_ROWS) {
+        return fail("llama_kv_policy_set_value: no setting " + std::to_string(i), msg, msg_size);
+    }
+    const std::string bad = check_value(ROWS[i].info, value);
+    if (!bad.empty()) {
+        return fail(bad, msg, msg_size);
+    }
+    ROWS[i].set(*params, value);
+    return 0;
+}
+
+int32_t llama_kv_policy_check(const struct llama_kv_policy_params * params, char * msg, size_t msg_size) {
+    if (params == nullptr) {
+        return fail("llama_kv_policy_check: params is NULL", msg, msg_size);
+    }
+    if (params->kind < LLAMA_KV_POLICY_NONE || params->kind > LLAMA_KV_POLICY_RANDOM) {
+        return fail("unknown policy kind " + std::to_string(params->kind) +
+                    ": must be 0 (none), 1 (streaming), 2 (score) or 3 (random)", msg, msg_size);
+    }
+    for (const auto & row : ROWS) {
+        const std::string bad = check_value(row.info, row.get(*params));
+        if (!bad.empty()) {
+            return fail(bad, msg, msg_size);
+        }
+    }
+    if (msg != nullptr && msg_size > 0) {
+        msg[0] = '\0';
+    }
+    return 0;
 }
 
 int32_t llama_kv_policy_set(struct llama_context * ctx, const struct llama_kv_policy_params * params) {
@@ -20,22 +228,7 @@ int32_t llama_kv_policy_set(struct llama_context * ctx, const struct llama_kv_po
         return LLAMA_KV_POLICY_ERR_ARG;
     }
     const auto & p = *params;
-    if (p.kind < LLAMA_KV_POLICY_NONE || p.kind > LLAMA_KV_POLICY_RANDOM) {
-        return LLAMA_KV_POLICY_ERR_ARG;
-    }
-    if (!std::isfinite(p.forgetting_factor) || p.forgetting_factor < 0.0f || p.forgetting_factor > 1.0f) {
-        return LLAMA_KV_POLICY_ERR_ARG;
-    }
-    if (p.n_sink < 0 || p.n_recent < LLAMA_KV_RECENT_HALF || p.evict_chunk < 0) {
-        return LLAMA_KV_POLICY_ERR_ARG;
-    }
-    if (p.granularity < LLAMA_KV_GRANULARITY_AUTO || p.granularity > LLAMA_KV_GRANULARITY_HEAD) {
-        return LLAMA_KV_POLICY_ERR_ARG;
-    }
-    if (p.decode_scoring < LLAMA_KV_DECODE_SCORING_EAGER || p.decode_scoring > LLAMA_KV_DECODE_SCORING_AUTO) {
-        return LLAMA_KV_POLICY_ERR_ARG;
-    }
-    if (p.pool_kernel < 1 || p.pool_kernel > LLAMA_KV_POOL_KERNEL_MAX) {
+    if (llama_kv_policy_check(params, nullptr, 0) != 0) {
         return LLAMA_KV_POLICY_ERR_ARG;
     }
 

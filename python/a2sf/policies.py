@@ -150,9 +150,13 @@ class Setting:
 
 #: The policy settings, one row each: the single source of the a2sf.Llama
 #: keywords, the server settings, the CLI flags, KVPolicy's fields and the
-#: mapping to the C struct (:meth:`KVPolicy.to_native`). The C side has its
-#: own defaults (``llama_kv_policy_default_params``); tests/test_engine_core.py
-#: checks that they are these.
+#: mapping to the C struct (:meth:`KVPolicy.to_native`). A row with ``native``
+#: is a row of the engine's table, cpp/include/llama-kv-policy-settings.def (which
+#: generates the C struct, its defaults and checks, a2sf._core.set_policy's keywords
+#: and llama-server's mapping): its type, range, default, choices (in the order of
+#: the C numbers), None (the C auto value) and help are that row's;
+#: tests/test_engine_core.py checks them against ``a2sf._core.settings()``.
+#: docs/SETTINGS.md: adding a setting.
 SETTINGS: Tuple[Setting, ...] = (
     Setting("n_sink", int, 4, "first positions of a sequence, never evicted (attention sinks)",
             field="n_sink", native="n_sink", range=(0, _INT32_MAX)),
