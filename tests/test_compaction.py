@@ -236,3 +236,36 @@ def test_quantized_k_without_llama_cpps_rotation_keeps_absolute_positions(smollm
     assert positions == "absolute" and n_compactions == 0 and np.isfinite(logits).all()
     with pytest.raises(ValueError, match="cannot be re-rotated"):
         Llama(smollm2, n_ctx=256, kv_policy="a2sf", type_k=GGML_TYPE_Q8_0, positions="cache", verbose=False)
+
+
+def test_the_rule_is_the_engines(tiny_f32):
+    """When to compact and the default mode are C API (llama_kv_policy_wants_compaction,
+    llama_kv_policy_default_positions) that a2sf.Llama and llama-server both call."""
+    from a2sf import _core as core
+
+    llm = Llama(tiny_f32, n_ctx=64, n_batch=8, n_threads=1, kv_policy="a2sf", n_sink=2, n_recent=4,
+                verbose=False)
+    ctx = llm._a2sf_ctx()
+    assert llm.positions == "training" and core.default_positions(ctx) == core.POSITIONS_TRAINING  # per head
+    llm.set_kv_policy("a2sf", granularity="token", n_sink=2, n_recent=4)
+    assert core.default_positions(ctx) == core.POSITIONS_CACHE
+    llm.eval(_tokens(40))  # no eviction yet: positions 0..39 all held
+    kw = dict(n_ctx_train=512, n_cells=64)
+
+    def wants(mode, next_pos=40, n_new=8, **more):
+        return core.wants_compaction(ctx, 0, mode, next_pos, n_new, **{**kw, **more})
+
+    assert not wants(core.POSITIONS_ABSOLUTE, next_pos=10_000)
+    assert not wants(core.POSITIONS_TRAINING) and wants(core.POSITIONS_TRAINING, n_ctx_train=47)
+    # cache: past the bound (2 * cells, within the training context) only with holes to close
+    assert not wants(core.POSITIONS_CACHE) and not wants(core.POSITIONS_CACHE, n_cells=16)
+    core.evict(ctx, 0, 10)
+    assert wants(core.POSITIONS_CACHE, n_cells=16) and not wants(core.POSITIONS_CACHE)
+    assert wants(core.POSITIONS_CACHE, n_ctx_train=47)
+    # the positions below next_after that held no cell count as held
+    assert not wants(core.POSITIONS_CACHE, n_cells=16, n_unheld=10)
+    # a gap after the newest cell (its newest tokens evicted outside a decode): any mode but absolute
+    assert wants(core.POSITIONS_TRAINING, next_pos=45) and not wants(core.POSITIONS_ABSOLUTE, next_pos=45)
+    with pytest.raises(ValueError):
+        wants(7)
+    llm.close()

@@ -73,6 +73,14 @@ def test_settings_rows_are_the_engine_table(core):
     assert [k.name.lower() for k in PolicyKind] == ["none", "streaming", "score", "random"]
 
 
+def test_positions_modes_are_the_engines_enum(core):
+    from a2sf.compaction import POSITION_MODES
+    from a2sf.policies import SETTINGS_BY_NAME
+
+    assert (core.POSITIONS_CACHE, core.POSITIONS_TRAINING, core.POSITIONS_ABSOLUTE) == (0, 1, 2)
+    assert POSITION_MODES == ("cache", "training", "absolute") == SETTINGS_BY_NAME["positions"].choices
+
+
 @pytest.mark.parametrize("kw,message", [
     (dict(kind=9), "unknown policy kind 9: must be 0 (none), 1 (streaming), 2 (score) or 3 (random)"),
     (dict(kind=2, pool_kernel=0), "pool_kernel must be in [1, 256], got 0"),

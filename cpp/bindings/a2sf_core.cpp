@@ -377,6 +377,36 @@ PYBIND11_MODULE(_core, m) {
         "position of the sequence's next token (iSWA memory: start - n..start - 1 when the\n"
         "sliding window holds more tokens than the global cache; returns start).");
 
+    m.attr("POSITIONS_CACHE")    = static_cast<int>(LLAMA_KV_POSITIONS_CACHE);
+    m.attr("POSITIONS_TRAINING") = static_cast<int>(LLAMA_KV_POSITIONS_TRAINING);
+    m.attr("POSITIONS_ABSOLUTE") = static_cast<int>(LLAMA_KV_POSITIONS_ABSOLUTE);
+
+    m.def(
+        "default_positions",
+        [](const py::object & ctx_obj) {
+            return check(llama_kv_policy_default_positions(as_ctx(ctx_obj)), "llama_kv_policy_default_positions");
+        },
+        py::arg("ctx"),
+        "The positions mode (POSITIONS_*) for the context's policy when none is given: absolute where\n"
+        "compact() cannot run, training per layer or head, else cache.");
+
+    m.def(
+        "wants_compaction",
+        [](const py::object & ctx_obj, int32_t seq_id, int mode, int64_t next_pos, int64_t n_new,
+           int64_t n_ctx_train, int64_t n_cells, int64_t next_after, int64_t n_unheld) {
+            llama_context * ctx = as_ctx(ctx_obj);
+            check_nonneg(next_pos, "next_pos");
+            check_nonneg(n_new, "n_new");
+            const llama_kv_positions_state state = {mode, n_ctx_train, n_cells, next_after, n_unheld};
+            return check(llama_kv_policy_wants_compaction(ctx, seq_id, &state, static_cast<llama_pos>(next_pos),
+                                                          static_cast<int32_t>(n_new)),
+                         "llama_kv_policy_wants_compaction") != 0;
+        },
+        py::arg("ctx"), py::arg("seq_id"), py::arg("mode"), py::arg("next_pos"), py::arg("n_new"),
+        py::arg("n_ctx_train"), py::arg("n_cells"), py::arg("next_after") = 0, py::arg("n_unheld") = 0,
+        "Whether to compact seq_id before evaluating n_new tokens from cache position next_pos on\n"
+        "(llama_kv_policy_wants_compaction: the rule llama-server follows too).");
+
     m.def(
         "head_scores",
         [](const py::object & ctx_obj, int32_t seq_id) {

@@ -227,6 +227,52 @@ LLAMA_API const char * llama_kv_policy_state_error(void);
 // again moves by one delta.
 LLAMA_API int32_t llama_kv_policy_compact(struct llama_context * ctx, llama_seq_id seq_id);
 
+// --- when to compact: the "positions" setting of a2sf.Llama and llama-server --------
+//
+// A caller that compacts keeps two numberings per sequence: its token index and the cache
+// position (what llama_kv_policy_compact renumbers). Both python/a2sf (a2sf.compaction)
+// and llama-server (cpp/server/a2sf-server.cpp) ask these two functions.
+
+// In the order of python/a2sf/compaction.py POSITION_MODES.
+enum llama_kv_positions {
+    LLAMA_KV_POSITIONS_CACHE    = 0, // positions stay below twice the sequence's cells (StreamingLLM
+                                     // numbers positions within the cache): compact once eviction has
+                                     // left holes and the next batch would reach that bound
+    LLAMA_KV_POSITIONS_TRAINING = 1, // compact only before the next batch would pass the training context
+    LLAMA_KV_POSITIONS_ABSOLUTE = 2, // never compact (llama.cpp's own positions)
+};
+
+// The positions mode for the policy in force on ctx when the user gives none: ABSOLUTE
+// where llama_kv_policy_compact cannot run (learned positions, M-RoPE, a quantized K
+// stored without its rotation, memory other than a plain or iSWA KV cache); TRAINING
+// where the policy keeps tokens per layer or head (granularity LAYER/HEAD: over 32k-token
+// streams it read 1.2% +- 0.5% better than CACHE, compacting 4 times instead of 126);
+// else CACHE. Negative: an error code (ERR_ARG for a NULL ctx).
+LLAMA_API int32_t llama_kv_policy_default_positions(const struct llama_context * ctx);
+
+// What the caller remembers of a sequence's positions.
+struct llama_kv_positions_state {
+    int32_t mode;        // enum llama_kv_positions
+    int64_t n_ctx_train; // the model's training context: no mode lets positions pass it (<= 0: no bound)
+    int64_t n_cells;     // the sequence's cells (CACHE keeps positions below twice this)
+    int64_t next_after;  // what the last llama_kv_policy_compact of the sequence returned (0: none since it began)
+    int64_t n_unheld;    // positions below next_after that held no cell right after that compaction
+                         // (iSWA window longer than the global cache; per-head cells)
+};
+
+// Whether to compact seq_id before evaluating n_new tokens from cache position next_pos on:
+// 1 (compact first) or 0, or a negative error code. Never in ABSOLUTE. Otherwise when
+// the sequence's newest cell is below next_pos - 1 (its newest tokens were evicted outside
+// a decode: llama.cpp takes a batch only right after it); TRAINING: when next_pos + n_new
+// would pass n_ctx_train; CACHE: when it would pass min(n_ctx_train, max(2 n_cells,
+// next_after + n_cells)) and cells were evicted since the last compaction (cells held +
+// n_unheld < next_pos), so that one compaction (which re-rotates every cell's K) serves
+// about a cache's worth of tokens. (With per-head cells the positions any head holds can
+// pass the cells held: compacting lowers them only past next_after.)
+LLAMA_API int32_t llama_kv_policy_wants_compaction(const struct llama_context * ctx, llama_seq_id seq_id,
+                                                   const struct llama_kv_positions_state * state,
+                                                   llama_pos next_pos, int32_t n_new);
+
 // Register the devices of the ggml RPC server at endpoint ("host:port", as llama-server's
 // --rpc takes one; rpc-server / ggml-rpc-server on that host), so that a following model
 // load with n_gpu_layers > 0 offloads layers to them, with their K/V and scores. The

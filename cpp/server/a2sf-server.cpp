@@ -58,7 +58,7 @@ struct server_state {
     bool                     active = false;   // a policy other than none
     const a2sf_policy_def *  policy = nullptr;
     llama_kv_policy_params   params{};
-    std::string              positions = "absolute";
+    int32_t                  positions = LLAMA_KV_POSITIONS_ABSOLUTE; // enum llama_kv_positions
     bool                     positions_given = false;
 
     // per sequence (slot id)
@@ -68,6 +68,7 @@ struct server_state {
     int32_t                  n_chunk = 0;      // a slot's prompt chunk (0: n_ctx unknown before the model)
     std::vector<int64_t>     offset, n_evictions, n_cells_evicted, n_compactions;
     std::vector<int64_t>     next_after;       // the position a slot's last compaction returned (0: none)
+    std::vector<int64_t>     n_unheld;         // positions below it that held no cell right after it
     std::vector<int32_t>     cells_before, added;
     llama_context *          ctx = nullptr;
     bool                     warned_shared = false;
@@ -76,6 +77,11 @@ struct server_state {
 server_state & st() {
     static server_state s;
     return s;
+}
+
+const char * positions_name(int32_t mode) {
+    static const char * names[] = {"cache", "training", "absolute"}; // enum llama_kv_positions
+    return mode >= 0 && mode < 3 ? names[mode] : "?";
 }
 
 const a2sf_setting_def * setting(const char * name) {
@@ -254,7 +260,7 @@ void resolve() {
             fields.emplace_back(&def, v);
             field_names.push_back(py_repr(def.field));
         } else if (strcmp(def.name, "positions") == 0) {
-            s.positions = text;
+            s.positions = (int32_t) v; // the index of its choices: cache, training, absolute (enum llama_kv_positions)
             s.positions_given = true;
         }
     }
@@ -309,8 +315,8 @@ void resolve() {
         }
     }
 
-    // positions left unset: chosen in a2sf_server_attach once llama_kv_policy_set has resolved
-    // the granularity (as python/a2sf/_llama/compaction.py resolve_positions)
+    // positions left unset: the engine's default, in a2sf_server_attach (it depends on the
+    // model and on the granularity llama_kv_policy_set resolves)
 }
 
 void grow(int32_t seq_id) {
@@ -322,6 +328,7 @@ void grow(int32_t seq_id) {
         s.n_cells_evicted.resize(n, 0);
         s.n_compactions.resize(n, 0);
         s.next_after.resize(n, 0);
+        s.n_unheld.resize(n, 0);
         s.cells_before.resize(n, 0);
         s.added.resize(n, 0);
     }
@@ -417,27 +424,19 @@ bool a2sf_server_attach(llama_context * ctx, const common_params & params) {
                 -rc < 8 ? errs[-rc] : "?");
         return false;
     }
+    llama_kv_policy_get(ctx, &s.params); // the policy in force (granularity AUTO resolved)
     const llama_model * model = llama_get_model(ctx);
     s.n_ctx_train = llama_model_n_ctx_train(model);
     s.ctx = ctx;
-    // the granularity in force (AUTO resolved: head, or token where head cannot run); the
-    // positions default as in python/a2sf/_llama/compaction.py: "training" per layer or head
-    // (measured: fewer re-rotations read better), "cache" per token
-    llama_kv_policy_params in_force = s.params;
-    if (llama_kv_policy_get(ctx, &in_force) == 0) {
-        s.params.granularity = in_force.granularity;
-    }
+    // the positions default is the engine's (llama_kv_policy_default_positions, as a2sf.Llama's):
+    // absolute where K cannot be re-rotated, training per layer or head, else cache
+    const int32_t def_positions = llama_kv_policy_default_positions(ctx);
     if (!s.positions_given) {
-        const bool per_unit = s.params.kind == LLAMA_KV_POLICY_SCORE && s.params.granularity != LLAMA_KV_GRANULARITY_TOKEN;
-        s.positions = per_unit ? "training" : "cache";
-    }
-    if (s.positions != "absolute" && !llama_memory_can_shift(llama_get_memory(ctx))) {
-        if (s.positions_given) {
-            LOG_ERR("a2sf: --kv-positions %s: this model's positions cannot be re-rotated; use --kv-positions absolute\n",
-                    s.positions.c_str());
-            return false;
-        }
-        s.positions = "absolute";
+        s.positions = def_positions;
+    } else if (s.positions != LLAMA_KV_POSITIONS_ABSOLUTE && def_positions == LLAMA_KV_POSITIONS_ABSOLUTE) {
+        LOG_ERR("a2sf: --kv-positions %s: this model's positions cannot be re-rotated; use --kv-positions absolute\n",
+                positions_name(s.positions));
+        return false;
     }
     const int32_t n_seq   = std::max(1, (int32_t) llama_n_seq_max(ctx));
     const int32_t cells   = params.kv_unified ? (int32_t) llama_n_ctx(ctx) / n_seq : (int32_t) llama_n_ctx_seq(ctx);
@@ -456,7 +455,7 @@ bool a2sf_server_attach(llama_context * ctx, const common_params & params) {
     LOG_INF("a2sf: kv policy %s (kind %d, forgetting_factor %.3g, value_aware %d, mean_attention %d, n_sink %d, "
             "n_recent %d, evict_chunk %d, granularity %d), positions %s, %d sequences, %d cells each, prompt chunks of %d\n",
             s.policy->name, s.params.kind, s.params.forgetting_factor, s.params.value_aware, s.params.mean_attention,
-            s.params.n_sink, s.params.n_recent, s.params.evict_chunk, s.params.granularity, s.positions.c_str(),
+            s.params.n_sink, s.params.n_recent, s.params.evict_chunk, s.params.granularity, positions_name(s.positions),
             n_seq, cells, s.n_chunk);
     return true;
 }
@@ -511,26 +510,18 @@ void a2sf_server_after_decode(llama_context * ctx) {
             s.n_evictions[sid]++;
             s.n_cells_evicted[sid] += freed;
         }
-        if (s.positions == "absolute") {
-            continue;
-        }
+        // the engine's rule (llama_kv_policy_wants_compaction, as a2sf.Llama's): the next
+        // batch of this slot starts right after its newest position
         const llama_pos pos_max = llama_memory_seq_pos_max(mem, (llama_seq_id) sid);
-        // as python/a2sf/compaction.py PositionMap.wants_compaction: "training" before the next
-        // batch could run past the training context; "cache" before it could reach twice the
-        // slot's cells (or the training context), once cells were evicted since the last
-        // compaction (one compaction per cache's worth of tokens: each re-rotates every cell)
-        // (per layer/head the positions any head holds can pass the cells: compacting lowers them
-        // only past the last compaction's next position, so "cache" waits a slot's cells past it)
-        const int64_t train = s.n_ctx_train > 0 ? (int64_t) s.n_ctx_train : INT64_MAX;
-        const int64_t cache = std::max<int64_t>(2 * (int64_t) s.n_cells, s.next_after[sid] + s.n_cells);
-        const int64_t bound = s.positions == "cache" ? std::min<int64_t>(train, cache) : train;
-        const bool want = (int64_t) pos_max + 1 + s.n_batch > bound && n_cells < pos_max + 1;
-        if (!want) {
+        const llama_kv_positions_state ps = {s.positions, (int64_t) s.n_ctx_train, (int64_t) s.n_cells,
+                                             s.next_after[sid], s.n_unheld[sid]};
+        if (llama_kv_policy_wants_compaction(ctx, (llama_seq_id) sid, &ps, pos_max + 1, s.n_batch) != 1) {
             continue;
         }
         const int32_t n = llama_kv_policy_compact(ctx, (llama_seq_id) sid);
         if (n >= 0) {
             s.next_after[sid] = n;
+            s.n_unheld[sid]   = (int64_t) n - std::max(0, llama_kv_policy_n_cells(ctx, (llama_seq_id) sid));
             if (n < pos_max + 1) { // it lowered the positions (else every position below is held)
                 s.offset[sid] += (int64_t) pos_max + 1 - n;
                 s.n_compactions[sid]++;
@@ -550,6 +541,7 @@ void a2sf_server_seq_rm(int32_t seq_id, llama_pos p0) {
     grow(seq_id);
     s.offset[seq_id] = 0;
     s.next_after[seq_id] = 0;
+    s.n_unheld[seq_id] = 0;
 }
 
 std::string a2sf_server_slot_json(int32_t seq_id) {
@@ -562,7 +554,7 @@ std::string a2sf_server_slot_json(int32_t seq_id) {
     snprintf(buf, sizeof(buf),
              "{\"policy\": \"%s\", \"positions\": \"%s\", \"cells\": %d, \"evictions\": %lld, \"cells_evicted\": %lld, "
              "\"compactions\": %lld, \"position_offset\": %lld}",
-             s.policy->name, s.positions.c_str(), llama_kv_policy_n_cells(s.ctx, seq_id),
+             s.policy->name, positions_name(s.positions), llama_kv_policy_n_cells(s.ctx, seq_id),
              (long long) s.n_evictions[seq_id], (long long) s.n_cells_evicted[seq_id],
              (long long) s.n_compactions[seq_id], (long long) s.offset[seq_id]);
     return buf;

@@ -89,8 +89,8 @@ bool llama_kv_score_access::quantized_k_unrotated(const llama_kv_cache & kv) {
     return false;
 }
 
-int32_t llama_kv_score_access::compact_seq(llama_context & lctx, int32_t seq_id) {
-    llama_kv_cache * kv = get_kv(lctx);
+int32_t llama_kv_score_access::compact_error(const llama_context & lctx, int32_t seq_id) {
+    const llama_kv_cache * kv = get_kv(lctx);
     if (kv == nullptr || kv->other != nullptr) {
         return LLAMA_KV_POLICY_ERR_MEMORY;
     }
@@ -106,12 +106,21 @@ int32_t llama_kv_score_access::compact_seq(llama_context & lctx, int32_t seq_id)
     }
     // iSWA: one delta keeps a standard window's distances; a chunked window (aligned to
     // multiples of n_swa) or a symmetric one would change which tokens it holds
-    llama_kv_cache * swa = get_swa(lctx);
+    const llama_kv_cache * swa = get_swa(lctx);
     if (swa != nullptr && (swa->other != nullptr || !swa->get_can_shift() || quantized_k_unrotated(*swa) ||
                            swa->swa_type != LLAMA_SWA_TYPE_STANDARD ||
                            !valid_seq(*swa, seq_id))) {
         return LLAMA_KV_POLICY_ERR_SHIFT;
     }
+    return 0;
+}
+
+int32_t llama_kv_score_access::compact_seq(llama_context & lctx, int32_t seq_id) {
+    if (const int32_t err = compact_error(lctx, seq_id)) {
+        return err;
+    }
+    llama_kv_cache * kv  = get_kv(lctx);
+    llama_kv_cache * swa = get_swa(lctx);
     flush_lazy(lctx, *kv);
 
     const uint32_t strm = kv->seq_to_stream.empty() ? 0 : kv->seq_to_stream[seq_id];

@@ -416,3 +416,44 @@ int32_t llama_kv_policy_compress(struct llama_context * ctx, llama_seq_id seq_id
     }
     return llama_kv_score_access::compress_seq(*ctx, seq_id, n_keep);
 }
+
+int32_t llama_kv_policy_default_positions(const struct llama_context * ctx) {
+    if (ctx == nullptr) {
+        return LLAMA_KV_POLICY_ERR_ARG;
+    }
+    if (llama_kv_score_access::compact_error(*ctx, 0) != 0) {
+        return LLAMA_KV_POSITIONS_ABSOLUTE;
+    }
+    const auto & c = llama_kv_score_access::cfg(const_cast<llama_context &>(*ctx));
+    return c.scored() && c.granularity() != LLAMA_KV_GRANULARITY_TOKEN ? LLAMA_KV_POSITIONS_TRAINING
+                                                                        : LLAMA_KV_POSITIONS_CACHE;
+}
+
+int32_t llama_kv_policy_wants_compaction(const struct llama_context * ctx, llama_seq_id seq_id,
+                                         const struct llama_kv_positions_state * state,
+                                         llama_pos next_pos, int32_t n_new) {
+    if (ctx == nullptr || state == nullptr || n_new < 0 || next_pos < 0 ||
+        state->mode < LLAMA_KV_POSITIONS_CACHE || state->mode > LLAMA_KV_POSITIONS_ABSOLUTE) {
+        return LLAMA_KV_POLICY_ERR_ARG;
+    }
+    if (state->mode == LLAMA_KV_POSITIONS_ABSOLUTE) {
+        return 0;
+    }
+    const int32_t n_cells = llama_kv_policy_n_cells(ctx, seq_id);
+    if (n_cells < 0) {
+        return n_cells;
+    }
+    // a gap after the newest cell: only a compaction lets the next batch continue the sequence
+    const llama_pos pos_max = llama_memory_seq_pos_max(llama_get_memory(ctx), seq_id);
+    if (0 <= (int64_t) pos_max + 1 && (int64_t) pos_max + 1 < next_pos) {
+        return 1;
+    }
+    const int64_t end   = (int64_t) next_pos + n_new;
+    const int64_t train = state->n_ctx_train > 0 ? state->n_ctx_train : INT64_MAX;
+    if (state->mode == LLAMA_KV_POSITIONS_TRAINING) {
+        return end > train ? 1 : 0;
+    }
+    const int64_t bound = state->n_cells <= 0 ? 0 :
+        std::min(train, std::max(2*state->n_cells, state->next_after + state->n_cells));
+    return end > bound && (int64_t) n_cells + state->n_unheld < next_pos ? 1 : 0;
+}

@@ -295,6 +295,8 @@ struct llama_kv_score_access {
     static int32_t                 evict_seq_impl(llama_context & lctx, llama_kv_cache & kv, const llama_kv_policy_cfg & cfg,
                                                   llama_kv_score_state & st, uint32_t strm, int32_t seq_id, int32_t n_free);
     static int32_t                 compact_seq(llama_context & lctx, int32_t seq_id); // llama-kv-compact.cpp
+    // why compact_seq cannot run on seq_id (0: it can): its checks, which change nothing
+    static int32_t                 compact_error(const llama_context & lctx, int32_t seq_id);
     static bool                    valid_seq(const llama_kv_cache & kv, int32_t seq_id);
     // (position, cell) of the cells of seq_id, ordered by position (llama-kv-evict.cpp)
     static std::vector<std::pair<int32_t, uint32_t>> cells_by_pos(const llama_kv_cells & cells, int32_t seq_id);

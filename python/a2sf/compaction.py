@@ -18,7 +18,9 @@ numbering for every head, and the next token takes position m. :class:`PositionM
 cells renumbered by the last compaction, which token index each holds, and for
 the tokens evaluated since, the constant offset between the two numberings.
 
-When to compact is :data:`POSITION_MODES`:
+When to compact is :data:`POSITION_MODES` (the rule is the engine's,
+``llama_kv_policy_wants_compaction`` in cpp/include/llama-kv-policy.h, which
+llama-server follows as well):
 
 ``"cache"``
     positions stay below twice the cache (StreamingLLM, arXiv 2309.17453,
@@ -33,6 +35,9 @@ When to compact is :data:`POSITION_MODES`:
 ``"absolute"``
     never (llama.cpp's own behaviour without context shift; the completion API
     then stops at ``max_positions``).
+
+The default (``llama_kv_policy_default_positions``): "cache" for one token per
+cell, "training" per layer or head, "absolute" where K cannot be re-rotated.
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ import numpy as np
 
 __all__ = ["POSITION_MODES", "PositionMap"]
 
+#: in the order of the engine's enum llama_kv_positions (a2sf._core.POSITIONS_*)
 POSITION_MODES = ("cache", "training", "absolute")
 
 
@@ -63,16 +69,19 @@ class PositionMap:
     n_compactions: int = 0
     compact_seconds: float = 0.0
 
+    #: positions below len(renumbered) that hold no cell: below the first cell on iSWA
+    #: memory, and those only other heads hold with per-head cells (set with renumbered)
+    n_unheld: int = 0
+
     def reset(self) -> None:
         """An empty sequence: both numberings start again at 0."""
         self.renumbered = np.zeros(0, dtype=np.int64)
+        self.n_unheld = 0
         self.offset = 0
 
-    @property
-    def n_unheld(self) -> int:
-        """Positions below len(renumbered) that hold no cell: below the first cell on iSWA
-        memory, and those only other heads hold with per-head cells."""
-        return int(np.count_nonzero(self.renumbered < 0))
+    def _renumber(self, renumbered: np.ndarray) -> None:
+        self.renumbered = renumbered
+        self.n_unheld = int(np.count_nonzero(renumbered < 0))
 
     @property
     def compacted(self) -> bool:
@@ -100,35 +109,16 @@ class PositionMap:
         later = np.flatnonzero(self.renumbered >= token_index)  # held positions keep token order
         return int(later[0]) if len(later) else n_old
 
-    def wants_compaction(self, next_token_index: int, n_new: int, n_cells: Callable[[], int],
-                         pos_max: Optional[Callable[[], int]] = None) -> bool:
-        """Whether to compact before evaluating ``n_new`` tokens from ``next_token_index`` on.
+    def wants_compaction(self, next_token_index: int, n_new: int, ctx: int, seq_id: int = 0) -> bool:
+        """Whether to compact ``seq_id`` of the context ``ctx`` before evaluating ``n_new``
+        tokens from ``next_token_index`` on: the engine's rule (``a2sf._core.wants_compaction``,
+        see the module's doc), given what this map remembers of the last compaction."""
+        from . import _core
 
-        ``pos_max()``: the sequence's highest cache position. llama.cpp takes a batch only at
-        the position after it, so when the newest tokens were evicted outside a decode
-        (``kv_evict``), compaction closes the gap in any mode but "absolute"."""
-        if self.mode == "absolute":
-            return False
-        next_pos = self.position_of(next_token_index)
-        if pos_max is not None and 0 <= pos_max() + 1 < next_pos:
-            return True
-        if self.mode == "training":
-            return next_pos + n_new > self.limit
-        # "cache": the positions would reach the bound, and cells were evicted since the
-        # last compaction, so renumbering lowers them (positions below the first
-        # renumbered cell hold none: see compact)
-        return next_pos + n_new > self.cache_bound and n_cells() + self.n_unheld < next_pos
-
-    @property
-    def cache_bound(self) -> int:
-        """"cache": the positions a compaction keeps the sequence below: twice the cache, or a
-        cache past the last compaction's next position (per-head cells), within the training
-        context."""
-        if self.cache_cells <= 0:
-            return 0
-        # len(renumbered): the next position right after the last compaction; with per-head
-        # cells it can pass the cells held, and compacting lowers positions only past it
-        return min(self.limit, max(2 * self.cache_cells, len(self.renumbered) + self.cache_cells))
+        return _core.wants_compaction(
+            ctx, seq_id, POSITION_MODES.index(self.mode), self.position_of(next_token_index), n_new,
+            n_ctx_train=self.limit, n_cells=self.cache_cells, next_after=len(self.renumbered),
+            n_unheld=self.n_unheld)
 
     def compact(self, next_token_index: int, cells: Callable[[], tuple], compact: Callable[[], int]) -> None:
         """Run ``compact()`` (a2sf._core.compact for seq 0) and renumber the map.
@@ -145,8 +135,9 @@ class PositionMap:
         # positions below n that hold no cell (-1): below the first cell on iSWA memory
         # whose window holds more tokens than the global cache; with per-head cells, those
         # that only other heads hold
-        self.renumbered = np.full(n, -1, dtype=np.int64)
-        self.renumbered[pos] = [token_of_cell[c] for c in cell.tolist()]
+        renumbered = np.full(n, -1, dtype=np.int64)
+        renumbered[pos] = [token_of_cell[c] for c in cell.tolist()]
+        self._renumber(renumbered)
         self.offset = next_token_index - n
         self.n_compactions += 1
         self.compact_seconds += time.perf_counter() - t0
@@ -159,7 +150,7 @@ class PositionMap:
         """After a state restore: the saved map, or (a state without one) the offset implied
         by the restored cells (the last cell holds token n_tokens - 1)."""
         if snap is not None:
-            self.renumbered = np.asarray(snap["renumbered"], dtype=np.int64).copy()
+            self._renumber(np.asarray(snap["renumbered"], dtype=np.int64).copy())
             self.offset = int(snap["offset"])
             return
         self.reset()

@@ -51,6 +51,7 @@ from ._llama.growth import GrowingSequence
 from ._llama.guards import InputGuards, check_seq_id
 from ._llama.budget import PromptCompression
 from ._llama.compaction import PositionCompaction, resolve_positions
+from .compaction import POSITION_MODES
 from ._llama.positions import PositionLimit
 from ._llama.prefix import PrefixReuse
 from ._llama.rpc import add_rpc_servers
@@ -150,8 +151,7 @@ class Llama(InputGuards, PositionLimit, PositionCompaction, PrefixReuse, PromptC
         try:
             policy = self._kv_policy = self._a2sf_set_native_policy(policy)
             positions = resolve_positions(extras.get("positions"), self._a2sf_position_limit is not None,
-                                          shiftable=self._a2sf_can_shift(),
-                                          per_unit=policy.granularity in ("layer", "head"))
+                                          POSITION_MODES[_core().default_positions(self._a2sf_ctx())])
             self._a2sf_start_budget(extras.get("kv_budget"))
         except ValueError:
             self.close()
@@ -161,18 +161,6 @@ class Llama(InputGuards, PositionLimit, PositionCompaction, PrefixReuse, PromptC
         self._a2sf_max_positions = max_positions
         self._a2sf_start_positions(positions)
         self._a2sf_reserve(self.n_tokens + self.n_batch)
-
-    def _a2sf_can_shift(self) -> bool:
-        """Whether the engine can re-rotate this cache's K (a compaction of the empty sequence
-        runs only the engine's checks): not for learned positions, multi-position RoPE or a
-        quantized K that llama.cpp stores without its rotation."""
-        if self._a2sf_position_limit is not None:
-            return False
-        try:
-            _core().compact(self._a2sf_ctx(), 0)
-        except ValueError:
-            return False
-        return True
 
     def _a2sf_load(self, model_path: str, kwargs: Dict[str, Any]) -> None:
         """llama_cpp.Llama.__init__, with its load failures explained."""

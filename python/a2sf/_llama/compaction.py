@@ -22,31 +22,22 @@ import llama_cpp
 from ..compaction import POSITION_MODES, PositionMap
 from .base import _INT32_MAX, PolicyBase, core
 
-#: what positions=None means for a RoPE model (chosen by measurement: README, "Endless streams"):
-#: "cache" for one token per cell; per layer/head "training", which read 1.2% +- 0.5% better than
-#: "cache" over 32k-token streams of three novels (and compacts 4 times instead of 126)
-DEFAULT_POSITIONS = "cache"
-DEFAULT_POSITIONS_PER_UNIT = "training"
+def resolve_positions(mode: Optional[str], learned_positions: bool, default: str) -> str:
+    """The positions mode a Llama runs with: the user's, or ``default``, the engine's for its
+    model and policy (``a2sf._core.default_positions``: "absolute" where the cache's K cannot
+    be re-rotated, "training" per layer or head, else "cache").
 
-
-def resolve_positions(mode: Optional[str], learned_positions: bool, shiftable: bool = True,
-                      per_unit: bool = False) -> str:
-    """The positions mode a Llama runs with: the user's, or the default for its model.
-
-    ``shiftable``: the engine can re-rotate the cache's K (not a quantized K that llama.cpp
-    stores without its Hadamard rotation: head_dim not a multiple of 64).
-    ``per_unit``: granularity "layer"/"head" is in force."""
+    ``learned_positions``: the model has learned absolute position embeddings (only the
+    message differs: the engine's default is "absolute" for them too)."""
     if mode is None:
-        if learned_positions or not shiftable:
-            return "absolute"
-        return DEFAULT_POSITIONS_PER_UNIT if per_unit else DEFAULT_POSITIONS
+        return default
     if mode not in POSITION_MODES:  # the settings table validated it already
         raise ValueError(f"positions must be one of {', '.join(POSITION_MODES)}, got {mode!r}")
     if learned_positions and mode != "absolute":
         raise ValueError(
             f"positions={mode!r}: this model has learned absolute position embeddings, which "
             "cannot be re-rotated; use positions='absolute' (the default for it)")
-    if not shiftable and mode != "absolute":
+    if default == "absolute" and mode != "absolute":
         raise ValueError(
             f"positions={mode!r}: this cache's K cannot be re-rotated (a quantized type_k that "
             "llama.cpp stores without its rotation, e.g. head_dim not a multiple of 64); use "
@@ -106,12 +97,8 @@ class PositionCompaction(PolicyBase):
         if not self.a2sf_active:
             return
         ctx = self._a2sf_ctx()
-        c = core()
-
-        def pos_max() -> int:
-            return int(llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(self._ctx.ctx), 0))
-
-        if m.wants_compaction(n_past, n_new, lambda: int(c.n_cells(ctx, 0)), pos_max):
+        if m.wants_compaction(n_past, n_new, ctx):  # the engine's rule (llama-server's too)
+            c = core()
             m.compact(n_past, lambda: c.scores(ctx, 0)[:2], lambda: c.compact(ctx, 0))
 
     def _a2sf_token_index(self, positions: np.ndarray) -> np.ndarray:
@@ -137,4 +124,4 @@ class PositionCompaction(PolicyBase):
             m.restore(getattr(state, "a2sf_positions", None), int(self.n_tokens), max_pos)
 
 
-__all__ = ["PositionCompaction", "resolve_positions", "DEFAULT_POSITIONS", "DEFAULT_POSITIONS_PER_UNIT", "_INT32_MAX"]
+__all__ = ["PositionCompaction", "resolve_positions", "_INT32_MAX"]
