@@ -31,17 +31,18 @@ def _tokens(n, seed):
     return [int(t) for t in np.random.default_rng(seed).integers(3, 290, n)]
 
 
-def _run(tiny_f32, ref, policy, granularity, flash_attn, seed=0, pool_kernel=1):
+def _run(tiny_f32, ref, policy, granularity, flash_attn, seed=0, pool_kernel=1, pool_weight=1.0):
     """The same history through the engine and the reference: prefill, evict, more
     ubatches, evict, decode steps."""
     alpha, value_aware, mean = POLICIES[policy]
     llm = Llama(tiny_f32, n_ctx=128, n_batch=UB, n_ubatch=UB, n_threads=1, logits_all=True,
                 kv_policy=policy, granularity=granularity, flash_attn=flash_attn, verbose=False,
                 positions="absolute",  # the reference replays token positions; compaction is tested apart
-                pool_kernel=pool_kernel,
+                pool_kernel=pool_kernel, pool_weight=pool_weight,
                 type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, **SETTINGS)  # F32 cache: exact moves
     r = UnitReference(ref, granularity, alpha, SETTINGS["n_sink"], SETTINGS["n_recent"],
-                      value_aware=value_aware, mean_attention=mean, pool_kernel=pool_kernel)
+                      value_aware=value_aware, mean_attention=mean, pool_kernel=pool_kernel,
+                      pool_weight=pool_weight)
     toks = _tokens(60, seed)
     steps = [("feed", toks[:40]), ("evict", 12), ("feed", toks[40:56]), ("evict", 9),
              ("feed1", toks[56:60])]
@@ -347,10 +348,11 @@ def _held_by_unit(llm):
     return [[sorted(pos[l, h].tolist()) for h in range(pos.shape[1])] for l in range(pos.shape[0])]
 
 
+@pytest.mark.parametrize("weight", [1.0, 0.25])
 @pytest.mark.parametrize("flash_attn", [False, True])
 @pytest.mark.parametrize("granularity", ["token", "layer", "head"])
-def test_span_pooling_keeps_the_reference_tokens_in_every_unit(tiny_f32, ref, granularity, flash_attn):
-    llm, r = _run(tiny_f32, ref, "a2sf", granularity, flash_attn=flash_attn, pool_kernel=4)
+def test_span_pooling_keeps_the_reference_tokens_in_every_unit(tiny_f32, ref, granularity, flash_attn, weight):
+    llm, r = _run(tiny_f32, ref, "a2sf", granularity, flash_attn=flash_attn, pool_kernel=4, pool_weight=weight)
     want = [[w.tolist() for w in unit] for unit in r.held()]
     assert _held_by_unit(llm) == want
     # and pooling decided something: unpooled ranking keeps other tokens
@@ -363,10 +365,10 @@ def test_span_pooling_keeps_the_reference_tokens_in_every_unit(tiny_f32, ref, gr
 def test_span_pooling_with_prompt_compression_keeps_the_reference_tokens_per_head(tiny_f32, ref, policy):
     alpha, _, mean = POLICIES[policy]
     llm = Llama(tiny_f32, n_ctx=256, n_batch=UB, n_ubatch=UB, n_threads=1, kv_policy=policy,
-                granularity="head", kv_budget=24, pool_kernel=6, verbose=False, type_k=GGML_TYPE_F32,
-                type_v=GGML_TYPE_F32, **SETTINGS)
+                granularity="head", kv_budget=24, pool_kernel=6, pool_weight=0.5, verbose=False,
+                type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, **SETTINGS)
     r = UnitReference(ref, "head", alpha, SETTINGS["n_sink"], SETTINGS["n_recent"], mean_attention=mean,
-                      pool_kernel=6)
+                      pool_kernel=6, pool_weight=0.5)
     toks = _tokens(64, 5)
     llm.eval(toks)
     r.feed(toks, UB)
@@ -382,6 +384,7 @@ def test_pool_before_carries_an_attended_tokens_rank_to_the_tokens_after_it():
     rank = np.array([0.0, 5.0, 0.1, 0.2, 0.0, 0.3, 0.0])
     np.testing.assert_array_equal(pool_before(pos, rank, 3), [0.0, 5.0, 5.0, 5.0, 0.2, 0.3, 0.3])
     np.testing.assert_array_equal(pool_before(pos, rank, 1), rank)
+    np.testing.assert_array_equal(pool_before(pos, rank, 3, 0.5), [0.0, 5.0, 2.5, 2.5, 0.2, 0.3, 0.3])
 
 
 @pytest.mark.parametrize("bad", [0, 257])

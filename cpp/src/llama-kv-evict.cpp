@@ -245,10 +245,13 @@ float group_rank(const std::vector<std::vector<float>> & scores, const std::vect
 // Span pooling (SnapKV pools scores over neighbouring positions for the same reason):
 // a question attends to the start of a fact -- the key, "is", the first digit -- far
 // more than to its later tokens, so ranked alone a number loses its tail digits and the
-// copy breaks. Each candidate takes the highest rank among the candidates at positions
-// [pos - (k-1), pos], the window ending at it, so what follows an attended token is
-// kept with it. cand is ordered by position (one unit holds each position once).
-void pool_ranks_forward(std::vector<kv_cell_rank> & cand, int32_t k) {
+// copy breaks (per head worst: each head keeps a different subset of the digits). Each
+// candidate ranks at least `weight` times the highest rank among the candidates at
+// positions [pos - (k-1), pos], the window ending at it, so what follows an attended
+// token is kept with it; weight < 1 leaves the tokens that score high themselves ahead
+// of the neighbours of ordinary ones (perplexity). cand is ordered by position (one
+// unit holds each position once).
+void pool_ranks_forward(std::vector<kv_cell_rank> & cand, int32_t k, float weight) {
     if (k <= 1 || cand.size() < 2) {
         return;
     }
@@ -262,7 +265,7 @@ void pool_ranks_forward(std::vector<kv_cell_rank> & cand, int32_t k) {
         while (cand[best.front()].pos < cand[i].pos - (k - 1)) {
             best.pop_front();
         }
-        pooled[i] = cand[best.front()].rank;
+        pooled[i] = std::max(cand[i].rank, weight*cand[best.front()].rank);
     }
     for (size_t i = 0; i < cand.size(); ++i) {
         cand[i].rank = pooled[i];
@@ -369,7 +372,7 @@ int32_t llama_kv_score_access::evict_seq_impl(llama_context & lctx, llama_kv_cac
                         }
                         c.rank = group_rank(scores, grp, nh, kv_size, c.cell, n_seen);
                     }
-                    pool_ranks_forward(cg, cfg.params.pool_kernel);
+                    pool_ranks_forward(cg, cfg.params.pool_kernel, cfg.params.pool_weight);
                 } break;
             case LLAMA_KV_POLICY_RANDOM:
                 {

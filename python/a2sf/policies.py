@@ -180,10 +180,14 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("mean_attention", bool, False, "rank by accumulated attention divided by the number of "
             "queries that saw the token (kvpress's ObservedAttention)",
             field="mean_attention", native="mean_attention"),
-    Setting("pool_kernel", int, 1, "span pooling: a token ranks as the highest score among itself and "
+    Setting("pool_kernel", int, 12, "span pooling: a token ranks with (pool_weight times) the highest score among itself and "
             "the pool_kernel-1 positions before it, so the tokens that follow an attended one (the digits "
-            "of a number after its key, a name after 'is') are kept or dropped with it; 1: no pooling",
+            "of a number after its key, a name after 'is') are kept with it; 1: no pooling",
             field="pool_kernel", native="pool_kernel", range=(1, 256)),
+    Setting("pool_weight", float, 0.25, "span pooling: the share of the best score among the pool_kernel-1 "
+            "positions before a token that the token ranks with at least (1: plain max-pooling; smaller "
+            "keeps more of the budget for the tokens that score high themselves)",
+            field="pool_weight", native="pool_weight", range=(0.0, 1.0)),
     Setting("decode_scoring", str, "auto", "with flash attention, how queries are scored (all exact): "
             "lazy (store the queries of decode steps, and for alpha < 1 of prefill ubatches too, and "
             "score them in one batched product when the scores are needed), eager (each ubatch in its "
@@ -315,6 +319,7 @@ class NoEviction(KVPolicy):
     granularity: str = field(default="token", init=False)
     mean_attention: bool = field(default=False, init=False)
     pool_kernel: int = field(default=1, init=False)
+    pool_weight: float = field(default=SETTINGS_BY_NAME["pool_weight"].default, init=False)
 
     kind: ClassVar[PolicyKind] = PolicyKind.NONE
     name: ClassVar[str] = "none"
@@ -336,6 +341,7 @@ class StreamingLLM(KVPolicy):
     granularity: str = field(default="token", init=False)
     mean_attention: bool = field(default=False, init=False)
     pool_kernel: int = field(default=1, init=False)
+    pool_weight: float = field(default=SETTINGS_BY_NAME["pool_weight"].default, init=False)
 
     kind: ClassVar[PolicyKind] = PolicyKind.STREAMING
     name: ClassVar[str] = "streaming"
@@ -432,6 +438,7 @@ class RandomEviction(KVPolicy):
     granularity: str = field(default="token", init=False)
     mean_attention: bool = field(default=False, init=False)
     pool_kernel: int = field(default=1, init=False)
+    pool_weight: float = field(default=SETTINGS_BY_NAME["pool_weight"].default, init=False)
 
     kind: ClassVar[PolicyKind] = PolicyKind.RANDOM
     name: ClassVar[str] = "random"

@@ -11,8 +11,8 @@ float64:
 * :meth:`evict` drops ``k`` tokens from every unit, each unit its own
   lowest-ranked candidates (never its ``n_sink`` oldest and ``n_recent``
   newest tokens; ties go to the older token), as llama-kv-evict.cpp ranks;
-  with ``pool_kernel`` > 1 a candidate ranks as the best of itself and the
-  candidates up to ``pool_kernel - 1`` positions before it;
+  with ``pool_kernel`` > 1 a candidate ranks at least ``pool_weight`` times the
+  best of itself and the candidates up to ``pool_kernel - 1`` positions before it;
 * :meth:`forward` is a forward pass in which each (layer, KV head) attends only
   to the tokens its unit still holds, giving logits, probabilities and scores.
 
@@ -32,20 +32,21 @@ from .reference import ReferenceLlama
 __all__ = ["UnitReference", "pool_before"]
 
 
-def pool_before(positions: np.ndarray, rank: np.ndarray, kernel: int) -> np.ndarray:
-    """Span pooling: each candidate's rank becomes the largest rank among the
-    candidates at positions ``[p - (kernel-1), p]`` (written as a plain double loop)."""
+def pool_before(positions: np.ndarray, rank: np.ndarray, kernel: int, weight: float = 1.0) -> np.ndarray:
+    """Span pooling: each candidate's rank becomes the larger of its own and ``weight``
+    times the largest rank among the candidates at positions ``[p - (kernel-1), p]``
+    (written as a plain double loop)."""
     out = np.array(rank, dtype=np.float64)
     for i, p in enumerate(positions):
         window = [rank[j] for j, q in enumerate(positions) if p - (kernel - 1) <= q <= p]
-        out[i] = max(window)
+        out[i] = max(rank[i], weight * max(window))
     return out
 
 
 class UnitReference:
     def __init__(self, ref: ReferenceLlama, granularity: str, forgetting_factor: float,
                  n_sink: int, n_recent: int, value_aware: bool = False, mean_attention: bool = False,
-                 pool_kernel: int = 1):
+                 pool_kernel: int = 1, pool_weight: float = 1.0):
         if granularity not in ("token", "layer", "head"):
             raise ValueError(granularity)
         self.ref = ref
@@ -53,7 +54,7 @@ class UnitReference:
         self.alpha = float(forgetting_factor)
         self.n_sink, self.n_recent = n_sink, n_recent
         self.value_aware, self.mean_attention = value_aware, mean_attention
-        self.pool_kernel = int(pool_kernel)
+        self.pool_kernel, self.pool_weight = int(pool_kernel), float(pool_weight)
         self.tokens: List[int] = []
         self.ubatches: List[int] = []
         L, Hkv = ref.n_layer, ref.n_head_kv
@@ -127,7 +128,7 @@ class UnitReference:
             n_sink = min(n, self.n_sink)
             n_keep = n_sink + min(n - n_sink, self.n_recent)
             cand = mine[n_sink:n - (n_keep - n_sink)]
-            rank = pool_before(cand, sum(S[l, h, cand] for l, h in grp), self.pool_kernel)
+            rank = pool_before(cand, sum(S[l, h, cand] for l, h in grp), self.pool_kernel, self.pool_weight)
             order = np.lexsort((cand, rank.astype(np.float32)))  # lowest rank, then older
             victims = cand[order[:min(k, len(cand))]]
             for l, h in grp:
