@@ -2,16 +2,16 @@
 //
 // Two steps. Ranking: each group of (layer, KV head) units that keeps the same
 // tokens (all of them for granularity TOKEN and the unscored policies, a layer
-// for LAYER, a head for HEAD) ranks its candidates -- by score summed over the
-// group (divided by the queries that saw the token for mean attention), by
-// position (StreamingLLM) or at random -- and names its victims. The n_sink
-// oldest and n_recent newest tokens of a sequence are never candidates.
+// for LAYER, a head for HEAD) has its candidates ranked by the policy's scorer
+// (llama-kv-scorer.h) and names its victims. The n_sink oldest and n_recent
+// newest tokens of a sequence are never candidates.
 // Freeing: one set of cells is freed for all units; with several groups each
 // group's kept tokens in that set first move into its own victims' cells
 // (llama-kv-move.cpp), so every unit occupies the same cells again and
 // llama.cpp's one KQ mask stays valid. No position is shifted.
 
 #include "llama-kv-score.h"
+#include "llama-kv-scorer.h"
 
 #include "llama-batch.h"
 #include "llama-context.h"
@@ -23,19 +23,8 @@
 #include "ggml-backend.h"
 
 #include <algorithm>
-#include <deque>
 #include <map>
 #include <vector>
-
-namespace {
-
-struct kv_cell_rank {
-    uint32_t  cell;
-    llama_pos pos;
-    float     rank; // evicted lowest first
-};
-
-} // namespace
 
 llama_kv_cache * llama_kv_score_access::get_kv(const llama_context & lctx) {
     if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(lctx.memory.get())) {
@@ -220,273 +209,276 @@ int32_t llama_kv_score_access::read_scores(llama_context & lctx, int32_t seq_id,
 
 namespace {
 
-// Ranking: which cells each unit group would give up. A group is the set of
-// (layer, KV head) units that keep the same tokens: all of them (granularity
-// TOKEN, and every policy without scores), one layer (LAYER), one head (HEAD).
-struct evict_ranking {
-    std::vector<std::vector<uint32_t>> units;   // per group: unit indices (layer*n_head_kv + head)
-    std::vector<std::vector<uint32_t>> victims; // per group: n_free cells, lowest rank first
-};
+// A unit is one (scored layer, KV head) of a stream: k = layer*n_head_kv + head.
+// A group is the units that keep the same tokens, ranked together.
+using unit_group = std::vector<uint32_t>;
 
-// the score of a cell for a group of units (summed), / the queries that saw it for mean attention
-float group_rank(const std::vector<std::vector<float>> & scores, const std::vector<uint32_t> & group,
-                 uint32_t n_head_kv, uint32_t kv_size, uint32_t cell, double n_seen) {
-    double t = 0.0;
-    for (uint32_t k : group) {
-        const uint32_t il = k/n_head_kv;
-        const uint32_t h  = k%n_head_kv;
-        if (h*kv_size + cell < scores[il].size()) {
-            t += scores[il][h*kv_size + cell];
+// (src, dst) cells per unit: the rows an eviction moves (llama-kv-move.cpp)
+using unit_moves = std::vector<std::vector<std::pair<uint32_t, uint32_t>>>;
+
+// The groups: all units in one (granularity TOKEN, every policy without scores, or no
+// unit map: a cell then holds one token everywhere), one per layer (LAYER), one per unit (HEAD)
+std::vector<unit_group> unit_groups(llama_kv_granularity gran, bool per_group, uint32_t n_layer,
+                                    uint32_t n_head_kv, uint32_t n_units) {
+    std::vector<unit_group> groups;
+    if (!per_group) {
+        groups.emplace_back();
+        for (uint32_t unit = 0; unit < n_units; ++unit) {
+            groups.back().push_back(unit);
+        }
+    } else if (gran == LLAMA_KV_GRANULARITY_LAYER) {
+        for (uint32_t layer = 0; layer < n_layer; ++layer) {
+            groups.emplace_back();
+            for (uint32_t head = 0; head < n_head_kv; ++head) {
+                groups.back().push_back(layer*n_head_kv + head);
+            }
+        }
+    } else {
+        for (uint32_t unit = 0; unit < n_units; ++unit) {
+            groups.push_back({ unit });
         }
     }
-    return (float) (n_seen > 0.0 ? t/n_seen : t);
+    return groups;
 }
 
-// Span pooling (SnapKV pools scores over neighbouring positions for the same reason):
-// a question attends to the start of a fact -- the key, "is", the first digit -- far
-// more than to its later tokens, so ranked alone a number loses its tail digits and the
-// copy breaks (per head worst: each head keeps a different subset of the digits). Each
-// candidate ranks at least `weight` times the highest rank among the candidates at
-// positions [pos - (k-1), pos], the window ending at it, so what follows an attended
-// token is kept with it; weight < 1 leaves the tokens that score high themselves ahead
-// of the neighbours of ordinary ones (perplexity). cand is ordered by position (one
-// unit holds each position once).
-void pool_ranks_forward(std::vector<kv_cell_rank> & cand, int32_t k, float weight) {
-    if (k <= 1 || cand.size() < 2) {
-        return;
-    }
-    std::vector<float> pooled(cand.size());
-    std::deque<size_t> best; // indices of the window, ranks decreasing: the front is its maximum
-    for (size_t i = 0; i < cand.size(); ++i) {
-        while (!best.empty() && cand[best.back()].rank <= cand[i].rank) {
-            best.pop_back();
+// Moving tokens between cells would overwrite K/V that other sequences read: with several
+// groups, the sequence's cells shared with another sequence are marked and stay where they are
+std::vector<uint8_t> shared_cells(const llama_kv_cells & cells, const std::vector<kv_cell_rank> & seq, size_t n_groups) {
+    std::vector<uint8_t> shared(cells.size(), 0);
+    if (n_groups > 1) {
+        for (const auto & c : seq) {
+            shared[c.cell] = cells.seq_count(c.cell) > 1;
         }
-        best.push_back(i);
-        while (cand[best.front()].pos < cand[i].pos - (k - 1)) {
-            best.pop_front();
-        }
-        pooled[i] = std::max(cand[i].rank, weight*cand[best.front()].rank);
     }
-    for (size_t i = 0; i < cand.size(); ++i) {
-        cand[i].rank = pooled[i];
+    return shared;
+}
+
+// The tokens a group holds in the sequence's cells, ordered by position. With a unit map,
+// a cell holds the token of the group's first unit (all of the group's units hold the same)
+std::vector<kv_cell_rank> group_cells(const std::vector<kv_cell_rank> & seq, const llama_kv_units * map,
+                                      uint32_t strm, uint32_t first_unit) {
+    std::vector<kv_cell_rank> res = seq;
+    if (map == nullptr) {
+        return res;
+    }
+    for (auto & c : res) {
+        c.pos = map->pos[map->at(strm, first_unit, c.cell)];
+    }
+    // units that never moved a token hold the cells' own positions, already in order
+    const auto by_pos = [](const kv_cell_rank & a, const kv_cell_rank & b) { return a.pos < b.pos; };
+    if (!std::is_sorted(res.begin(), res.end(), by_pos)) {
+        std::sort(res.begin(), res.end(), by_pos);
+    }
+    return res;
+}
+
+// Per group, its candidates: all of its tokens but its n_sink oldest and n_recent newest
+// (the same window for every group) and the shared cells; ordered by position
+std::vector<std::vector<kv_cell_rank>> group_candidates(const std::vector<kv_cell_rank> & seq,
+                                                        const std::vector<unit_group> & groups,
+                                                        const llama_kv_units * map, uint32_t strm,
+                                                        const std::vector<uint8_t> & shared,
+                                                        int32_t n_sink, int32_t n_recent) {
+    const int32_t n_cells = (int32_t) seq.size();
+    const int32_t n_old   = std::min(n_cells, n_sink);
+    const int32_t n_new   = std::min(n_cells - n_old, n_recent);
+    std::vector<std::vector<kv_cell_rank>> candidates(groups.size());
+    for (size_t g = 0; g < groups.size(); ++g) {
+        const auto held = group_cells(seq, map, strm, groups[g].empty() ? 0 : groups[g][0]);
+        for (int32_t i = n_old; i < n_cells - n_new; ++i) {
+            if (!shared[held[i].cell]) {
+                candidates[g].push_back(held[i]);
+            }
+        }
+    }
+    return candidates;
+}
+
+// what the scorers read of the stream: the unit map, and the scores when the scorer reads them
+llama_kv_scorer_inputs scorer_inputs(const llama_kv_cache & kv, const llama_kv_units & map, uint32_t strm,
+                                     llama_seq_id seq_id, uint32_t n_head_kv, uint32_t kv_size, bool with_scores) {
+    llama_kv_scorer_inputs in;
+    if (with_scores) {
+        for (ggml_tensor * layer_scores : llama_kv_score_access::scored_layers(kv)) {
+            in.scores.push_back(read_layer_scores(layer_scores, strm));
+        }
+    }
+    in.n_head_kv = n_head_kv;
+    in.kv_size   = kv_size;
+    in.strm      = strm;
+    if (map.allocated()) {
+        in.units     = &map;
+        in.n_queries = map.n_queries.count(seq_id) ? map.n_queries.at(seq_id) : 0;
+    }
+    return in;
+}
+
+// A group's victims: the cells of its n_free lowest ranks, lowest first; ties go to the
+// older token. A unit holds each position once, so (rank, pos) orders the candidates
+// totally and selecting them needs no full sort (cand is reordered)
+std::vector<uint32_t> lowest_ranked(std::vector<kv_cell_rank> & cand, int32_t n_free) {
+    const auto by_rank = [](const kv_cell_rank & a, const kv_cell_rank & b) {
+        return a.rank < b.rank || (a.rank == b.rank && a.pos < b.pos);
+    };
+    if (n_free < (int32_t) cand.size()) {
+        std::nth_element(cand.begin(), cand.begin() + n_free, cand.end(), by_rank);
+    }
+    std::sort(cand.begin(), cand.begin() + n_free, by_rank);
+    std::vector<uint32_t> victims;
+    for (int32_t i = 0; i < n_free; ++i) {
+        victims.push_back(cand[i].cell);
+    }
+    return victims;
+}
+
+// The one set of n_free cells freed for every unit (llama.cpp's one KQ mask). With one group,
+// its victims. Otherwise the candidate cells (the same for every group) most groups want to
+// drop, ties to the lower cell: each group then moves as few kept tokens as the vote allows
+std::vector<uint32_t> common_freed(const std::vector<std::vector<uint32_t>> & victims,
+                                   const std::vector<kv_cell_rank> & candidates, int32_t n_free, uint32_t kv_size) {
+    if (victims.size() == 1) {
+        return victims[0];
+    }
+    std::vector<int32_t> votes(kv_size, 0);
+    for (const auto & group_victims : victims) {
+        for (uint32_t cell : group_victims) {
+            votes[cell]++;
+        }
+    }
+    std::vector<kv_cell_rank> by_votes = candidates;
+    std::stable_sort(by_votes.begin(), by_votes.end(), [&](const kv_cell_rank & a, const kv_cell_rank & b) {
+        return votes[a.cell] > votes[b.cell] || (votes[a.cell] == votes[b.cell] && a.cell < b.cell);
+    });
+    std::vector<uint32_t> freed;
+    for (int32_t i = 0; i < n_free; ++i) {
+        freed.push_back(by_votes[i].cell);
+    }
+    return freed;
+}
+
+// Each group keeps its tokens in the freed cells by moving them into its own victims'
+// cells outside the freed set: as many of those as kept tokens inside it, paired in cell order
+unit_moves plan_moves(const std::vector<unit_group> & groups, const std::vector<std::vector<uint32_t>> & victims,
+                      const std::vector<uint32_t> & freed, uint32_t n_units, uint32_t kv_size) {
+    std::vector<uint8_t> is_freed(kv_size, 0);
+    for (uint32_t cell : freed) {
+        is_freed[cell] = 1;
+    }
+    unit_moves moves(n_units);
+    for (size_t g = 0; g < groups.size(); ++g) {
+        std::vector<uint8_t> is_victim(kv_size, 0);
+        std::vector<uint32_t> holes; // victims outside the freed set: where kept tokens go
+        for (uint32_t cell : victims[g]) {
+            is_victim[cell] = 1;
+            if (!is_freed[cell]) {
+                holes.push_back(cell);
+            }
+        }
+        std::vector<uint32_t> kept; // freed cells whose token the group keeps
+        for (uint32_t cell : freed) {
+            if (!is_victim[cell]) {
+                kept.push_back(cell);
+            }
+        }
+        GGML_ASSERT(kept.size() == holes.size());
+        std::sort(holes.begin(), holes.end());
+        std::sort(kept.begin(), kept.end());
+        for (uint32_t unit : groups[g]) {
+            for (size_t i = 0; i < kept.size(); ++i) {
+                moves[unit].push_back({ kept[i], holes[i] });
+            }
+        }
+    }
+    return moves;
+}
+
+bool any_move(const unit_moves & moves) {
+    return std::any_of(moves.begin(), moves.end(), [](const auto & m) { return !m.empty(); });
+}
+
+// After the rows moved: the unit map follows its tokens, and a cell's llama.cpp position
+// follows the token its first unit (layer 0, head 0) holds, so kv_scores()'s positions, the
+// token index and compaction agree on what a cell holds (every kept token is older than any
+// query: the mask is unchanged)
+void follow_moves(llama_kv_units & map, llama_kv_cells & cells, uint32_t strm, llama_seq_id seq_id,
+                  const unit_moves & moves) {
+    for (uint32_t unit = 0; unit < moves.size(); ++unit) {
+        for (const auto & [src, dst] : moves[unit]) {
+            map.pos[map.at(strm, unit, dst)]  = map.pos[map.at(strm, unit, src)];
+            map.born[map.at(strm, unit, dst)] = map.born[map.at(strm, unit, src)];
+        }
+    }
+    map.diverged[strm] = 1;
+    for (const auto & [src, dst] : moves[0]) {
+        const llama_pos pos = map.pos[map.at(strm, 0, dst)];
+        if (cells.pos_get(dst) != pos) {
+            cells.rm(dst);
+            cells.pos_set(dst, pos);
+            cells.seq_add(dst, seq_id);
+        }
+    }
+}
+
+// drop seq_id from the freed cells; the stream's head (where find_slot starts) moves down to
+// the lowest cell emptied
+void free_cells(llama_kv_cells & cells, uint32_t & head, llama_seq_id seq_id, const std::vector<uint32_t> & freed) {
+    for (uint32_t cell : freed) {
+        if (cells.seq_rm(cell, seq_id) && cell < head) {
+            head = cell;
+        }
     }
 }
 
 } // namespace
 
-// Free up to n_free cells of seq_id by the policy's ranking (see evict_ranking).
-// Returns the number freed.
+// Free up to n_free cells of seq_id in stream strm: group the units, take each group's
+// candidates, rank them (the policy's scorer), pick each group's victims, agree on one set
+// of cells to free, move each group's kept tokens out of it, free it. Returns the number freed.
 int32_t llama_kv_score_access::evict_seq_impl(llama_context & lctx, llama_kv_cache & kv, const llama_kv_policy_cfg & cfg,
                                               llama_kv_score_state & st, uint32_t strm, int32_t seq_id, int32_t n_free) {
     auto & cells = kv.v_cells[strm];
-
-    const auto sc = seq_cells(cells, seq_id);
-    const int32_t n_cells = (int32_t) sc.size();
-
-    const bool scored = cfg.kind() == LLAMA_KV_POLICY_SCORE;
-    const auto gran   = scored ? cfg.granularity() : LLAMA_KV_GRANULARITY_TOKEN;
-
-    llama_kv_units & u = llama_kv_score_access::units(kv, cfg.tracks_units());
-    const bool use_map = u.allocated() && gran != LLAMA_KV_GRANULARITY_TOKEN;
-
-    // groups of units that keep the same tokens; unit k = layer*nh + head
-    const uint32_t nh      = std::max<int32_t>(1, llama_kv_score_access::n_head_kv(kv));
-    const uint32_t n_units = (uint32_t) llama_kv_score_access::n_scored_layers(kv)*nh;
-    evict_ranking r;
-    if (!use_map) {
-        r.units.emplace_back();
-        for (uint32_t k = 0; k < n_units; ++k) {
-            r.units.back().push_back(k);
-        }
-    } else if (gran == LLAMA_KV_GRANULARITY_LAYER) {
-        for (uint32_t il = 0; il < u.n_layer; ++il) {
-            r.units.emplace_back();
-            for (uint32_t h = 0; h < nh; ++h) {
-                r.units.back().push_back(il*nh + h);
-            }
-        }
-    } else {
-        for (uint32_t k = 0; k < n_units; ++k) {
-            r.units.push_back({ k });
-        }
-    }
-
-    // moving tokens between cells would overwrite K/V that other sequences read:
-    // with per-group selection, cells shared with another sequence stay where they are
-    std::vector<uint8_t> shared(cells.size(), 0);
-    if (r.units.size() > 1) {
-        for (const auto & c : sc) {
-            shared[c.cell] = cells.seq_count(c.cell) > 1;
-        }
-    }
-
-    std::vector<std::vector<float>> scores;
-    if (scored) {
-        for (ggml_tensor * s : llama_kv_score_access::scored_layers(kv)) {
-            scores.push_back(read_layer_scores(s, strm));
-        }
-    }
+    const auto seq = seq_cells(cells, seq_id);
     const uint32_t kv_size = (uint32_t) cells.size();
-    const int64_t  n_q     = u.allocated() && u.n_queries.count(seq_id) ? u.n_queries.at(seq_id) : 0;
 
-    // each group: its candidates (everything but its n_sink oldest and n_recent newest
-    // tokens, and shared cells), ranked
-    std::vector<std::vector<kv_cell_rank>> cand(r.units.size());
-    const int32_t n_recent = cfg.n_recent_for(n_cells, n_free); // the same window for every group
-    for (size_t g = 0; g < r.units.size(); ++g) {
-        std::vector<kv_cell_rank> mine = sc;
-        if (use_map) {
-            const uint32_t k0 = r.units[g][0];
-            for (auto & c : mine) {
-                c.pos = u.pos[u.at(strm, k0, c.cell)];
-            }
-            // units that never moved a token hold the cells' own positions, already in order
-            const auto by_pos = [](const kv_cell_rank & a, const kv_cell_rank & b) { return a.pos < b.pos; };
-            if (!std::is_sorted(mine.begin(), mine.end(), by_pos)) {
-                std::sort(mine.begin(), mine.end(), by_pos);
-            }
-        }
-        const int32_t n_sink = std::min(n_cells, cfg.params.n_sink);
-        const int32_t n_keep = n_sink + std::min(n_cells - n_sink, n_recent);
-        for (int32_t i = n_sink; i < n_cells - (n_keep - n_sink); ++i) {
-            if (!shared[mine[i].cell]) {
-                cand[g].push_back(mine[i]);
-            }
-        }
-        n_free = std::min<int32_t>(n_free, (int32_t) cand[g].size());
+    const auto gran = cfg.scored() ? cfg.granularity() : LLAMA_KV_GRANULARITY_TOKEN;
+    llama_kv_units & map = units(kv, cfg.tracks_units());
+    const bool per_group = map.allocated() && gran != LLAMA_KV_GRANULARITY_TOKEN;
+
+    const uint32_t n_head  = std::max<int32_t>(1, n_head_kv(kv));
+    const uint32_t n_units = (uint32_t) n_scored_layers(kv)*n_head;
+    const auto groups = unit_groups(gran, per_group, map.n_layer, n_head, n_units);
+
+    const int32_t n_recent = cfg.n_recent_for((int32_t) seq.size(), n_free);
+    auto candidates = group_candidates(seq, groups, per_group ? &map : nullptr, strm,
+                                       shared_cells(cells, seq, groups.size()), cfg.params.n_sink, n_recent);
+    for (const auto & group : candidates) {
+        n_free = std::min<int32_t>(n_free, (int32_t) group.size());
     }
     if (n_free <= 0) {
         return 0;
     }
 
-    for (size_t g = 0; g < r.units.size(); ++g) {
-        auto & cg = cand[g];
-        switch (cfg.kind()) {
-            case LLAMA_KV_POLICY_SCORE:
-                {
-                    const auto & grp = r.units[g];
-                    for (auto & c : cg) {
-                        double n_seen = 0.0;
-                        if (cfg.params.mean_attention && u.allocated() && !grp.empty()) {
-                            n_seen = std::max<double>(1.0, (double) (n_q - u.born[u.at(strm, grp[0], c.cell)]));
-                        }
-                        c.rank = group_rank(scores, grp, nh, kv_size, c.cell, n_seen);
-                    }
-                    pool_ranks_forward(cg, cfg.params.pool_kernel, cfg.params.pool_weight);
-                } break;
-            case LLAMA_KV_POLICY_RANDOM:
-                {
-                    std::uniform_real_distribution<float> dist(0.0f, 1.0f);
-                    for (auto & c : cg) {
-                        c.rank = dist(st.rng);
-                    }
-                } break;
-            case LLAMA_KV_POLICY_NONE: // never reached: callers return early
-            case LLAMA_KV_POLICY_STREAMING: // the oldest go first
-                {
-                    for (auto & c : cg) {
-                        c.rank = (float) c.pos;
-                    }
-                } break;
-        }
-        // the n_free lowest ranks; ties go to the older token. A unit holds each position once,
-        // so (rank, pos) orders its candidates totally and selecting them needs no full sort
-        const auto by_rank = [](const kv_cell_rank & a, const kv_cell_rank & b) {
-            return a.rank < b.rank || (a.rank == b.rank && a.pos < b.pos);
-        };
-        if (n_free < (int32_t) cg.size()) {
-            std::nth_element(cg.begin(), cg.begin() + n_free, cg.end(), by_rank);
-        }
-        std::sort(cg.begin(), cg.begin() + n_free, by_rank);
-        r.victims.emplace_back();
-        for (int32_t i = 0; i < n_free; ++i) {
-            r.victims.back().push_back(cg[i].cell);
-        }
+    const auto scorer = llama_kv_make_scorer(cfg, st.rng);
+    const auto inputs = scorer_inputs(kv, map, strm, seq_id, n_head, kv_size, scorer->reads_scores());
+    std::vector<std::vector<uint32_t>> victims;
+    for (size_t g = 0; g < groups.size(); ++g) {
+        scorer->rank(inputs, groups[g], candidates[g]);
+        victims.push_back(lowest_ranked(candidates[g], n_free));
     }
 
-    // Freeing: one common set F of n_free cells. With one group F is its victims.
-    // Otherwise F is the candidate cells most groups want to drop, and each group's
-    // kept tokens inside F move into its own victims' cells outside F.
-    std::vector<uint32_t> freed;
-    if (r.victims.size() == 1) {
-        freed = r.victims[0];
-    } else {
-        std::vector<int32_t> votes(kv_size, 0);
-        for (const auto & v : r.victims) {
-            for (uint32_t c : v) {
-                votes[c]++;
-            }
-        }
-        std::vector<kv_cell_rank> pool = cand[0]; // the same cells for every group
-        std::stable_sort(pool.begin(), pool.end(), [&](const kv_cell_rank & a, const kv_cell_rank & b) {
-            return votes[a.cell] > votes[b.cell] || (votes[a.cell] == votes[b.cell] && a.cell < b.cell);
-        });
-        std::vector<uint8_t> in_f(kv_size, 0);
-        for (int32_t i = 0; i < n_free; ++i) {
-            freed.push_back(pool[i].cell);
-            in_f[pool[i].cell] = 1;
-        }
-
-        std::vector<std::vector<std::pair<uint32_t, uint32_t>>> moves(n_units);
-        bool any = false;
-        for (size_t g = 0; g < r.victims.size(); ++g) {
-            std::vector<uint8_t> victim(kv_size, 0);
-            std::vector<uint32_t> holes;
-            for (uint32_t c : r.victims[g]) {
-                victim[c] = 1;
-                if (!in_f[c]) {
-                    holes.push_back(c);
-                }
-            }
-            std::vector<uint32_t> srcs;
-            for (uint32_t c : freed) {
-                if (!victim[c]) {
-                    srcs.push_back(c);
-                }
-            }
-            GGML_ASSERT(srcs.size() == holes.size());
-            std::sort(holes.begin(), holes.end());
-            std::sort(srcs.begin(), srcs.end());
-            for (uint32_t k : r.units[g]) {
-                for (size_t i = 0; i < srcs.size(); ++i) {
-                    moves[k].push_back({ srcs[i], holes[i] });
-                    any = true;
-                }
-            }
-        }
-        if (any) {
-            if (!llama_kv_score_access::move_unit_rows(lctx, kv, strm, moves)) {
+    const auto freed = common_freed(victims, candidates[0], n_free, kv_size);
+    if (groups.size() > 1) {
+        const auto moves = plan_moves(groups, victims, freed, n_units, kv_size);
+        if (any_move(moves)) {
+            if (!move_unit_rows(lctx, kv, strm, moves)) {
                 LLAMA_LOG_ERROR("%s: moving the kept tokens of a layer/head failed; nothing evicted\n", __func__);
                 return 0;
             }
-            for (uint32_t k = 0; k < n_units; ++k) {
-                for (const auto & [src, dst] : moves[k]) {
-                    u.pos[u.at(strm, k, dst)]  = u.pos[u.at(strm, k, src)];
-                    u.born[u.at(strm, k, dst)] = u.born[u.at(strm, k, src)];
-                }
-            }
-            u.diverged[strm] = 1;
-            // a cell's llama.cpp position follows the token its first unit (layer 0, head 0)
-            // holds, so kv_scores()'s positions, the token index and compaction agree on what
-            // a cell holds (every kept token is older than any query: the mask is unchanged)
-            for (const auto & [src, dst] : moves[0]) {
-                const llama_pos p = u.pos[u.at(strm, 0, dst)];
-                if (cells.pos_get(dst) != p) {
-                    cells.rm(dst);
-                    cells.pos_set(dst, p);
-                    cells.seq_add(dst, seq_id);
-                }
-            }
+            follow_moves(map, cells, strm, seq_id, moves);
         }
     }
 
-    uint32_t & head = kv.v_heads[strm];
-    for (uint32_t c : freed) {
-        if (cells.seq_rm(c, seq_id) && c < head) {
-            head = c;
-        }
-    }
-
+    free_cells(cells, kv.v_heads[strm], seq_id, freed);
     return n_free;
 }
 
