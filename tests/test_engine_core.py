@@ -10,7 +10,7 @@ from a2sf import Llama
 from a2sf.policies import A2SF, SETTINGS, KVPolicy, PolicyKind
 
 KEYS = {"kind", "forgetting_factor", "value_aware", "n_sink", "n_recent", "evict_chunk", "seed",
-        "granularity", "mean_attention", "decode_scoring", "pool_kernel"}
+        "granularity", "mean_attention", "decode_scoring", "pool_kernel", "pool_weight"}
 
 
 @pytest.fixture(scope="module")

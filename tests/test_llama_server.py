@@ -93,7 +93,7 @@ def _run_bad(server_bin, smollm2, *flags):
     (["--kv-policy", "h2o", "--kv-recent", "ten"], "error: --kv-recent: n_recent must be an int, got 'ten'"),
     (["--kv-policy", "h2o", "--kv-forgetting-factor", "0.5"],
      "error: --kv-forgetting-factor: H2O fixes forgetting_factor=1.0; it cannot be overridden (settable: "
-     "n_sink, n_recent, evict_chunk, value_aware, seed, granularity, mean_attention, pool_kernel, decode_scoring)"),
+     "n_sink, n_recent, evict_chunk, value_aware, seed, granularity, mean_attention, pool_kernel, pool_weight, decode_scoring)"),
     (["--kv-policy", "a2sf", "--kv-granularity", "cell"],
      "error: --kv-granularity: granularity must be one of token, layer, head, got 'cell'"),
     (["--kv-sink", "8"], "error: policy settings ['n_sink'] given without a policy (kv_policy is None); "

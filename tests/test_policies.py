@@ -52,7 +52,7 @@ def test_to_native_matches_core_signature():
     n = A2SF(forgetting_factor=0.5, n_sink=2, n_recent=8, evict_chunk=4, seed=7, granularity="head").to_native()
     assert n == {"kind": 2, "forgetting_factor": 0.5, "value_aware": False, "n_sink": 2,
                  "n_recent": 8, "evict_chunk": 4, "seed": 7, "granularity": 2, "mean_attention": False,
-                 "decode_scoring": 2, "pool_kernel": 1}
+                 "decode_scoring": 2, "pool_kernel": 12, "pool_weight": 0.25}
     assert all(type(v) in (int, float, bool) for v in n.values())
     assert VATP().to_native()["value_aware"] is True
     assert StreamingLLM().to_native()["kind"] == 1

@@ -27,6 +27,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from ..policies import SETTINGS
 from .reference import ReferenceLlama
 
 __all__ = ["UnitReference", "pool_before"]
@@ -46,7 +47,7 @@ def pool_before(positions: np.ndarray, rank: np.ndarray, kernel: int, weight: fl
 class UnitReference:
     def __init__(self, ref: ReferenceLlama, granularity: str, forgetting_factor: float,
                  n_sink: int, n_recent: int, value_aware: bool = False, mean_attention: bool = False,
-                 pool_kernel: int = 1, pool_weight: float = 1.0):
+                 pool_kernel: Optional[int] = None, pool_weight: Optional[float] = None):
         if granularity not in ("token", "layer", "head"):
             raise ValueError(granularity)
         self.ref = ref
@@ -54,7 +55,10 @@ class UnitReference:
         self.alpha = float(forgetting_factor)
         self.n_sink, self.n_recent = n_sink, n_recent
         self.value_aware, self.mean_attention = value_aware, mean_attention
-        self.pool_kernel, self.pool_weight = int(pool_kernel), float(pool_weight)
+        # unset: the engine's defaults (a2sf.policies.SETTINGS)
+        defaults = {s.name: s.default for s in SETTINGS}
+        self.pool_kernel = int(defaults["pool_kernel"] if pool_kernel is None else pool_kernel)
+        self.pool_weight = float(defaults["pool_weight"] if pool_weight is None else pool_weight)
         self.tokens: List[int] = []
         self.ubatches: List[int] = []
         L, Hkv = ref.n_layer, ref.n_head_kv
