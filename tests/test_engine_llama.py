@@ -210,7 +210,8 @@ def test_random_differs_from_h2o_and_is_seeded(core, tiny_f32):
 
 @pytest.mark.parametrize("policy", ["h2o", "tova", "a2sf", "vatp"])
 def test_manual_eviction_drops_the_lowest_scores(core, tiny_f32, policy):
-    llm = tiny(tiny_f32, policy, granularity="token")  # one ranking for all layers and heads
+    # one ranking for all layers and heads, by the scores alone (pooling: tests/test_granularity.py)
+    llm = tiny(tiny_f32, policy, granularity="token", pool_kernel=1)
     llm.eval(np.random.default_rng(2).integers(3, 300, size=100).tolist())
     before = llm.kv_scores()
     pol = llm.kv_policy
