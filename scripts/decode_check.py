@@ -6,7 +6,7 @@ loaded machine; the full benchmark is python -m a2sf.bench.
     .venv/bin/python scripts/decode_check.py [--out results/decode_check.md]
 
 Prints a Markdown table whose caption carries this command (and writes it to
---out): the README quotes only figures from such files.
+--out): docs/RESULTS.md and docs/PERFORMANCE.md quote only figures from such files.
 """
 import argparse
 import time

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The real evaluation run behind README's "Quality" section (SmolLM2-135M,
+# The real evaluation run behind the "Quality: the first sweep" section of docs/RESULTS.md (SmolLM2-135M,
 # CPU). Resumable: re-running skips every record already in results/eval/.
 #
 #   bash scripts/eval.sh            # ppl + needle, mc and kvpress (three processes)
-#   bash scripts/eval.sh report     # plots + README section only
+#   bash scripts/eval.sh report     # plots + that section only
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"

@@ -104,7 +104,7 @@ _DIST_OF = {
     "matplotlib": "matplotlib", "tqdm": "tqdm", "fastapi": "fastapi", "uvicorn": "uvicorn",
     "pydantic": "pydantic", "yaml": "pyyaml", "kvpress": "kvpress",
 }
-# modules imported only by code that says how to install them (kvpress: --no-deps, see README)
+# modules imported only by code that says how to install them (kvpress: --no-deps, see requirements-eval.txt)
 _UNDECLARED_OK = {"kvpress"}
 
 

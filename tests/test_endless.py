@@ -1,6 +1,6 @@
 """Endless streams on SmolLM2: a 256-cell cache keeps reading like a fresh context
 far into a stream, positions stay far below the training context, the accounting is exact
-(eval.stream, the README's "Endless streams" table; the 50k run is slow)."""
+(eval.stream, the "Endless streams" tables of docs/RESULTS.md; the 50k run is slow)."""
 from __future__ import annotations
 
 import numpy as np
@@ -51,7 +51,7 @@ def test_stream_accounting_is_exact_through_compactions(smollm2):
 
 
 def test_positions_default_to_cache_per_token_and_training_per_head(smollm2):
-    """The measured defaults (README, "Endless streams"): one token per cell renumbers at twice the
+    """The measured defaults (docs/RESULTS.md, "Endless streams"): one token per cell renumbers at twice the
     cache; per (layer, KV head) only before the training context (fewer re-rotations read better)."""
     for granularity, expected in ((None, "training"), ("head", "training"), ("layer", "training"),
                                   ("token", "cache")):

@@ -278,6 +278,9 @@ def test_plots_and_readme_section(ppl_run, tmp_path):
     section = text[text.index(BEGIN):text.index(END)]
     assert "| none (full cache) |" in section and "| h2o |" in section and "a2sf (best a)" in section
     assert "A2SF (a=0.95) vs H2O, paired per window" in section
+    # the plots are linked relative to the page that shows them
+    link = section.split("![quality vs cache ratio](", 1)[1].split(")", 1)[0]
+    assert (readme.parent / link).resolve() == (ppl_run / "quality_vs_ratio.png").resolve()
     # regenerating replaces the section instead of adding a second one
     update_readme(readme, ppl_run)
     assert readme.read_text() == text

@@ -22,8 +22,8 @@
 // A cache in host memory (the CPU backend) takes the same moves as plain copies
 // instead: the graph needs one index per element of a transposed V (head_dim per
 // moved row), and building and walking those indices cost more than the copies
-// (compressing a 4096-cell prompt to 1024 cells: 22 MiB in ~170 ms through the
-// graph). The copies are the rows' bytes, so quantized rows move exactly too.
+// (measured: docs/PERFORMANCE.md, "Moving rows"). The copies are the rows' bytes,
+// so quantized rows move exactly too.
 // A2SF_MOVES_ON_GRAPH=1 forces the graph (tests compare the two).
 
 #include "llama-kv-score.h"

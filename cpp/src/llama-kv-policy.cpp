@@ -240,9 +240,10 @@ int32_t llama_kv_policy_set(struct llama_context * ctx, const struct llama_kv_po
     llama_kv_policy_cfg c;
     c.params = p;
     if (p.granularity == LLAMA_KV_GRANULARITY_AUTO) {
-        // per (layer, KV head) selection is what makes scores beat recency (README, "Which
-        // policy should I use"); token where per-head moves cannot be exact (ALiBi), or where a
-        // head's row of K is not whole blocks of a quantized type (a head's row cannot move alone)
+        // per (layer, KV head) selection is what makes scores beat recency (docs/RESULTS.md,
+        // "Perplexity by granularity and mode"); token where per-head moves cannot be exact
+        // (ALiBi), or where a head's row of K is not whole blocks of a quantized type (a head's
+        // row cannot move alone)
         bool per_head = kv != nullptr && !llama_kv_score_access::uses_alibi(*ctx) &&
                         llama_kv_score_access::unit_rows_whole_blocks(*kv);
         c.params.granularity = per_head ? LLAMA_KV_GRANULARITY_HEAD : LLAMA_KV_GRANULARITY_TOKEN;

@@ -296,10 +296,10 @@ bool llama_kv_score_access::attn_unfused(const llm_graph_context & g, int il) {
     // A ubatch of a few tokens keeps the fused kernel: the unfused path copies the whole V
     // to transpose it (a flash-attention cache stores V untransposed), a pass that a few
     // recomputed probability rows may not repay. On the CPU the unfused path is faster
-    // even for one query (SmolLM2, 2 threads: a scored decode step at 1.16x / 1.31x
-    // vanilla flash attention's speed at 1024 / 4096 cells) where ggml runs AVX-512
-    // kernels on an Intel CPU, so decode_scoring "auto" takes it at every size there; elsewhere, and with
-    // "eager", a decode step keeps the fused kernel plus the product (cpu_unfused_decode_faster).
+    // even for one query where ggml runs AVX-512 kernels on an Intel CPU (faster than
+    // vanilla flash attention itself, docs/PERFORMANCE.md), so decode_scoring "auto" takes
+    // it at every size there; elsewhere, and with "eager", a decode step keeps the fused
+    // kernel plus the product (cpu_unfused_decode_faster).
     const int64_t n_stream = mctx->sinfos[mctx->i_cur].n_stream();
     const int64_t n_tps    = g.ubatch.n_tokens/n_stream;
     const int64_t min_rows = unfused_host_decode(cfg, kv) ? 1 : 16;
@@ -333,18 +333,15 @@ static bool cpu_vendor_is_intel() {
 }
 
 // Which of llama.cpp's CPU attentions is faster for one query depends on the CPU
-// (measured, SmolLM2 Q4_1, 2 threads, flash attention on, decode / vanilla): on an Intel
-// Xeon with AVX-512 (AMX) the unfused step is faster than the fused kernel (a2sf 1.12 /
-// 1.02 at 1024 / 4096 cells, 1.14-1.33 on earlier Xeons; the fused kernel plus the score
-// product 1.00 / 0.86); on AMD EPYCs it is much slower, with AVX2 alone (0.56 at 1024
-// cells, where the fused kernel plus the product read 0.97) and with AVX-512 alike (Zen 4:
-// 0.55 / 0.38 at 1024 / 4096, the fused kernel plus the product 0.77 / 0.73): there the
-// strided copy of V transposed that the unfused path makes each step (perf: 18% of the
-// run in memmove) outweighs the fused kernel's slower single-query product. So the unfused
-// step is taken where ggml runs AVX-512 kernels on an Intel CPU. The choice is made once
-// per process, not timed, so a machine always decodes the same tokens;
-// A2SF_AUTO_DECODE_UNFUSED=1 or 0 overrides it (to measure both on a new CPU, and for the
-// tests of either path).
+// (measured on three machines; the figures are in docs/PERFORMANCE.md, where "auto" decode
+// depends on the CPU): on an Intel Xeon with AVX-512 (AMX) the unfused step beats the fused
+// kernel plus the score product; on AMD EPYCs it is much slower, with AVX2 alone and with
+// AVX-512 alike (Zen 4): there the strided copy of V transposed that the unfused path makes
+// each step (a large share of the run in memmove) outweighs the fused kernel's slower
+// single-query product. So the unfused step is taken where ggml runs AVX-512 kernels on an
+// Intel CPU. The choice is made once per process, not timed, so a machine always decodes the
+// same tokens; A2SF_AUTO_DECODE_UNFUSED=1 or 0 overrides it (to measure both on a new CPU,
+// and for the tests of either path).
 bool llama_kv_score_access::cpu_unfused_decode_faster() {
     static const bool faster = [] {
         const char * env = getenv("A2SF_AUTO_DECODE_UNFUSED");

@@ -50,7 +50,7 @@ POLICIES = [None, "streaming", "h2o", "a2sf", "a2sf+decode_scoring=lazy", "vatp"
 LONG_POLICIES = ["streaming", "a2sf"]
 
 
-def _kv_bytes_per_cell(llm) -> tuple:
+def kv_bytes_per_cell(llm) -> tuple:
     """(F16 K+V bytes, score + value-norm bytes) per cell.
 
     a2sf's libllama allocates the score rows of every cache (a policy can be set
@@ -133,7 +133,8 @@ def section_overhead(model: str, sizes, fa_modes, reps: int, n_decode: int, n_th
                     print(f"  overhead {size:5d} fa={int(fa)} {pol or 'vanilla':9s} prefill {pre:7.0f} t/s"
                           f"  decode {dec:6.1f} t/s", file=sys.stderr, flush=True)
     out = [
-        "### Score-tracking overhead",
+        # the flash-attention modes in the heading: two runs that differ only there get two headings
+        "### Score-tracking overhead, flash attention " + " and ".join("on" if fa else "off" for fa in fa_modes),
         "",
         f"_model {Path(model).name}, threads={n_threads}, "
         f"{f'n_gpu_layers={n_gpu_layers} ({_gpu_name()}), ' if n_gpu_layers else ''}{'CPU time of the computing thread' if cpu_clock else 'wall time'}, "
@@ -256,7 +257,7 @@ def long_generation(model: str, n_tokens: int, n_cells: int, policy, flash_attn:
     n_batch = 64
     llm = open_llama(model, n_cells, policy, flash_attn, n_threads, n_batch=n_batch)
     try:
-        kv, extra = _kv_bytes_per_cell(llm)
+        kv, extra = kv_bytes_per_cell(llm)
         run = LongRun(label=policy or "vanilla", n_cells=n_cells, kv_bytes=n_cells * (kv + extra),
                       score_share=extra / (kv + extra))
         prompt = llm.tokenize(LONG_PROMPT.encode(), add_bos=True)

@@ -5,7 +5,7 @@
     python -m a2sf.eval needle  # pass-key retrieval in a long haystack
     python -m a2sf.eval kvpress # the same perplexity protocol with NVIDIA kvpress (torch)
     python -m a2sf.eval plots   # PNGs from the JSON results
-    python -m a2sf.eval report  # rewrite README's eval section from the results
+    python -m a2sf.eval report  # rewrite docs/RESULTS.md's eval section from the results
     python -m a2sf.eval stream  # an endless stream at increasing depths (positions, compaction)
     python -m a2sf.eval variants # every policy x granularity x mode against StreamingLLM
     python -m a2sf.eval retrieval # RULER-style retrieval under a bounded cache (aware/agnostic/continuous)
@@ -109,9 +109,10 @@ def build_parser(prog: str = "python -m a2sf.eval") -> argparse.ArgumentParser:
     p = sub.add_parser("plots", help="PNG plots from the results")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
 
-    p = sub.add_parser("report", help="rewrite the README section between the eval markers")
+    p = sub.add_parser("report", help="rewrite the section of docs/RESULTS.md between the eval markers")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    p.add_argument("--readme", type=Path, default=Path("README.md"))
+    p.add_argument("--results", "--readme", dest="readme", type=Path, default=Path("docs/RESULTS.md"),
+                   help="the Markdown file holding the eval markers (default: docs/RESULTS.md)")
     p.add_argument("--print", action="store_true", help="print the section instead of writing it")
     return ap
 

@@ -1,12 +1,13 @@
-"""The README's quality section, regenerated from results/eval by one command.
+"""docs/RESULTS.md's quality section, regenerated from results/eval by one command.
 
-    python -m a2sf.eval report     # rewrites README.md between the eval markers
+    python -m a2sf.eval report     # rewrites docs/RESULTS.md between the eval markers
 """
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 from .summary import (POLICY_ORDER, kvpress_summary, load, mc_summary, needle_summary, paired_mc,
                       paired_ppl, ppl_summary)
@@ -207,8 +208,11 @@ def _kvpress_block(out: Path, lines: List[str]) -> None:
     lines.append("")
 
 
-def render_section(out: Path) -> str:
+def render_section(out: Path, image_dir: Optional[str] = None) -> str:
+    """The section's Markdown; ``image_dir``: how the plots in ``out`` are linked (default
+    ``results/eval``, as seen from the repository root)."""
     out = Path(out)
+    image_dir = "results/eval" if image_dir is None else image_dir
     lines: List[str] = []
     any_rec = next((r for n in ("ppl", "mc", "needle", "kvpress") for r in load(out, n)), None)
     lines.append("Quality of the eviction policies (`python -m a2sf.eval`; regenerate this section with "
@@ -227,7 +231,7 @@ def render_section(out: Path) -> str:
     _mc_block(out, lines)
     for png, alt in (("quality_vs_ratio.png", "quality vs cache ratio"), ("quality_vs_alpha.png", "quality vs alpha")):
         if (out / png).exists():
-            lines += [f"![{alt}](results/eval/{png})", ""]
+            lines += [f"![{alt}]({image_dir}/{png})", ""]
     _needle_block(out, lines)
     _kvpress_block(out, lines)
     notes = out / "NOTES.md"
@@ -237,9 +241,11 @@ def render_section(out: Path) -> str:
 
 
 def update_readme(readme: Path, out: Path) -> None:
+    """Rewrite the section between the eval markers of ``readme`` (docs/RESULTS.md by default
+    on the command line); the plots are linked relative to that file."""
     readme = Path(readme)
     text = readme.read_text()
-    body = render_section(out)
+    body = render_section(out, image_dir=Path(os.path.relpath(Path(out).resolve(), readme.resolve().parent)).as_posix())
     if BEGIN in text and END in text:
         a = text.index(BEGIN) + len(BEGIN)
         b = text.index(END)
