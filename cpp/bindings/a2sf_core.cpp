@@ -363,6 +363,20 @@ PYBIND11_MODULE(_core, m) {
         "because of the a2sf part of the state).");
 
     m.def(
+        "state_hash", [](py::buffer data) {
+            const py::buffer_info b = data.request();
+            if (!PyBuffer_IsContiguous(b.view(), 'C')) {
+                throw py::value_error("state_hash: the buffer is not contiguous");
+            }
+            const size_t n = (size_t) b.size*(size_t) b.itemsize;
+            py::gil_scoped_release nogil;
+            return llama_kv_policy_state_hash(b.ptr, n);
+        },
+        py::arg("data"),
+        "The 64-bit hash of a2sf's state checksum (llama_kv_policy_state_hash) of a contiguous\n"
+        "buffer's bytes (bytes, bytearray, numpy array), without copying it.");
+
+    m.def(
         "evict", cells_call(llama_kv_policy_evict, "llama_kv_policy_evict", "n_free"),
         py::arg("ctx"), py::arg("seq_id"), py::arg("n_free"),
         "Evict n_free cells of seq_id now by the policy's ranking; returns the number freed.");

@@ -209,6 +209,10 @@ LLAMA_API int32_t llama_kv_policy_evict(struct llama_context * ctx, llama_seq_id
 // policy (scored vs not, value-aware vs not) or another model is refused.
 LLAMA_API const char * llama_kv_policy_state_error(void);
 
+// The 64-bit hash a2sf's state checksum uses (version 3 of its state section; see
+// docs/STATE.md), of size bytes at data: for tools and tests that check or measure it.
+LLAMA_API uint64_t llama_kv_policy_state_hash(const void * data, size_t size);
+
 // Position compaction: renumber the cells of seq_id to positions 0..n-1 in position
 // order (sinks first) and re-rotate each cell's K by its change of position (llama.cpp's
 // K-shift, applied before returning). Scores, value norms and cells stay as they are.

@@ -122,6 +122,20 @@ class PositionCompaction(PolicyBase):
                 pos = core().scores(self._a2sf_ctx(), 0)[0]
                 max_pos = int(pos.max()) if len(pos) else None
             m.restore(getattr(state, "a2sf_positions", None), int(self.n_tokens), max_pos)
+        if self.a2sf_active:
+            # the next token goes at n_tokens - offset: a cache holding that position or a later
+            # one (a state whose token count and cells disagree) would refuse every decode
+            nxt = int(self.n_tokens) - (m.offset if m is not None else 0)
+            newest = int(llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(self._ctx.ctx), 0))
+            if newest >= nxt:
+                self._ctx.kv_cache_clear()
+                self.reset()
+                if m is not None:
+                    m.reset()
+                raise RuntimeError(
+                    f"load_state: the state was not restored: its cache holds position {newest}, but its "
+                    f"token count puts the next token at position {nxt} (a damaged or inconsistent "
+                    "state); the context is now empty")
 
 
 __all__ = ["PositionCompaction", "resolve_positions", "_INT32_MAX"]
