@@ -187,8 +187,21 @@ def run_case(path: str) -> Dict:
         llm.eval([1, 2, 3])
         res["finite"] = bool(np.isfinite(_logits(llm)).all())
         res["cells_used"] = int(_core.n_cells(llm._ctx.ctx, 0))
-    res["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    res["maxrss_mb"] = _peak_rss_mb()
     return res
+
+
+def _peak_rss_mb() -> float:
+    """This process's own peak RSS: VmHWM belongs to the address space exec made, whereas
+    getrusage's ru_maxrss carries the peak of the parent it was forked from (a test
+    runner that once held gigabytes would make every child look that large)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main(argv=None) -> int:
