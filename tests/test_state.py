@@ -265,28 +265,7 @@ from a2sf.testing import state_fuzz as fz  # noqa: E402
 
 @pytest.fixture(scope="module")
 def head_states(tiny_f32):
-    llm, state, seq = fz.source_states(tiny_f32)
-    assert llm.kv_stats()["evictions"] > 0
-    pos, _ = llm.kv_head_scores()
-    assert (pos != pos[:1, :1]).any(), "no head holds other tokens than layer 0 head 0: not a per-head state"
-    ref_whole = fz.make_llm(tiny_f32)
-    ref_whole.load_state(state)
-    ref_seq = fz.make_llm(tiny_f32)
-    assert fz.seq_set(ref_seq, seq) == len(seq)
-    _seq_bookkeeping(ref_seq, llm)
-    n_tokens, input_ids = llm.n_tokens, llm.input_ids.copy()
-    saver = fz.continue_greedy(llm)[0]  # the context that saved them, going on
-    whole, seq_tokens = fz.continue_greedy(ref_whole)[0], fz.continue_greedy(ref_seq)[0]
-    assert whole == saver and seq_tokens == saver, "an undamaged restore does not continue as its saver"
-    return dict(state=state, seq=seq, n_tokens=n_tokens, input_ids=input_ids,
-                whole_tokens=saver, seq_tokens=saver)
-
-
-def _seq_bookkeeping(llm, src):
-    if isinstance(src, dict):
-        fz.adopt(llm, src["input_ids"], src["n_tokens"])
-    else:
-        fz.adopt(llm, src.input_ids, src.n_tokens)
+    return fz.verified_sources(tiny_f32)
 
 
 def _with_bytes(state, data):
@@ -348,7 +327,7 @@ def test_load_state_refuses_a_flipped_bit_in_v(core, tiny_f32, head_states):
     assert llm.n_tokens == 0
     _assert_empty_and_usable(core, llm)
     llm.load_state(state)  # the undamaged state still loads and continues as the saver would
-    assert fz.continue_greedy(llm)[0] == head_states["whole_tokens"]
+    assert fz.continue_greedy(llm)[0] == head_states["reference"]["whole"]
 
 
 def test_seq_set_data_refuses_a_flipped_bit_in_v(core, tiny_f32, head_states):
@@ -360,8 +339,8 @@ def test_seq_set_data_refuses_a_flipped_bit_in_v(core, tiny_f32, head_states):
     _assert_empty_and_usable(core, llm)
     assert fz.seq_set(llm, seq) == len(seq)
     assert core.state_error() == ""
-    _seq_bookkeeping(llm, head_states)
-    assert fz.continue_greedy(llm)[0] == head_states["seq_tokens"]
+    fz.adopt(llm, head_states["input_ids"], head_states["n_tokens"])
+    assert fz.continue_greedy(llm)[0] == head_states["reference"]["seq"]
 
 
 def _cells(lay):
@@ -471,11 +450,11 @@ def test_version2_state_still_loads_and_continues(core, tiny_f32, head_states, k
     llm = fz.make_llm(tiny_f32)
     if kind == "whole":
         llm.load_state(_with_bytes(head_states["state"], old))
-        assert fz.continue_greedy(llm)[0] == head_states["whole_tokens"]
+        assert fz.continue_greedy(llm)[0] == head_states["reference"]["whole"]
     else:
         assert fz.seq_set(llm, old) == len(old)
-        _seq_bookkeeping(llm, head_states)
-        assert fz.continue_greedy(llm)[0] == head_states["seq_tokens"]
+        fz.adopt(llm, head_states["input_ids"], head_states["n_tokens"])
+        assert fz.continue_greedy(llm)[0] == head_states["reference"]["seq"]
 
 
 def test_seq_state_file_checksum_covers_its_token_list(core, tiny_f32, head_states, tmp_path):

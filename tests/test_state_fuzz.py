@@ -41,22 +41,7 @@ MAX_RSS_MB = 1500  # a length field set to 4 GiB must not allocate it
 
 @pytest.fixture(scope="module")
 def source(core, tiny_f32):
-    llm, state, seq = fz.source_states(tiny_f32)
-    assert llm.kv_stats()["evictions"] > 0
-    pos, _ = llm.kv_head_scores()
-    assert (pos != pos[:1, :1]).any(), "not a per-head state (no head holds other tokens than head 0)"
-    ref = fz.make_llm(tiny_f32)
-    ref.load_state(state)
-    whole_tokens = fz.continue_greedy(ref)[0]
-    ref = fz.make_llm(tiny_f32)
-    assert fz.seq_set(ref, seq) == len(seq)
-    fz.adopt(ref, llm.input_ids, llm.n_tokens)
-    seq_tokens = fz.continue_greedy(ref)[0]
-    n_tokens, input_ids = llm.n_tokens, llm.input_ids.copy()
-    saver = fz.continue_greedy(llm)[0]
-    assert whole_tokens == saver and seq_tokens == saver, "an undamaged restore does not continue as its saver"
-    return dict(model=tiny_f32, state=state, seq=seq, n_tokens=n_tokens, input_ids=input_ids,
-                reference={"whole": whole_tokens, "seq": seq_tokens})
+    return fz.verified_sources(tiny_f32)
 
 
 def _data(source, mode, version):

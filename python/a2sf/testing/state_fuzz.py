@@ -87,6 +87,29 @@ def source_states(model: str):
     return llm, llm.save_state(), seq_get(llm)
 
 
+def verified_sources(model: str) -> Dict:
+    """The states of :func:`source_states`, checked to be worth damaging: saved after
+    evictions, per head (some head holds other tokens than layer 0 head 0), and a
+    whole-context and a sequence restore into fresh contexts continue exactly as the
+    saver does. Keys: model, state, seq, n_tokens, input_ids, reference {"whole", "seq"}
+    (the greedy tokens of each undamaged restore)."""
+    llm, state, seq = source_states(model)
+    assert llm.kv_stats()["evictions"] > 0
+    pos, _ = llm.kv_head_scores()
+    assert (pos != pos[:1, :1]).any(), "not a per-head state (no head holds other tokens than head 0)"
+    ref_whole = make_llm(model)
+    ref_whole.load_state(state)
+    ref_seq = make_llm(model)
+    assert seq_set(ref_seq, seq) == len(seq)
+    adopt(ref_seq, llm.input_ids, llm.n_tokens)
+    n_tokens, input_ids = llm.n_tokens, llm.input_ids.copy()
+    saver = continue_greedy(llm)[0]  # the context that saved them, going on
+    whole, seq_tokens = continue_greedy(ref_whole)[0], continue_greedy(ref_seq)[0]
+    assert whole == saver and seq_tokens == saver, "an undamaged restore does not continue as its saver"
+    return dict(model=model, state=state, seq=seq, n_tokens=n_tokens, input_ids=input_ids,
+                reference={"whole": whole, "seq": seq_tokens})
+
+
 # -- damage --------------------------------------------------------------------------------
 KINDS = ("flip", "run", "huge", "truncate", "kv_flip")
 
